@@ -4,7 +4,7 @@ from twisted.application.service import ServiceMaker
 
 llmgw = ServiceMaker(
     "llmgw",
-    "llmgw.options",
+    "llmgw.service",
     "An OpenAI-compatible gateway in front of a model server.",
     "llmgw",
 )
