@@ -1,4 +1,4 @@
-"""twistd plugins for llmgw: string-form ServiceMakers, so scanning plugins imports nothing heavy."""
+"""twistd plugins for llmgw, string-form so that scanning plugins imports nothing heavy."""
 
 from twisted.application.service import ServiceMaker
 

@@ -1,0 +1,134 @@
+"""The one error type, and the one place that turns it into OpenAI's error shape.
+
+Every failure anywhere in the gateway, from a bad body to an unreachable model
+server, ends as an L{ApiError}, so that clients (mostly OpenAI SDKs) always get
+C{{"error": {"message", "type", "param", "code"}}} with the right status and
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+
+import attrs
+
+INVALID_REQUEST = "invalid_request_error"
+API_ERROR = "api_error"
+
+
+@attrs.define(auto_exc=True)
+class ApiError(Exception):
+    """
+    A failure to report to the client.
+
+    Not frozen, although nothing changes one: Python and Twisted set
+    C{__traceback__} on exceptions, which a frozen attrs class on Debian 12's
+    attrs 22.2 refuses.
+
+    @ivar headers: extra response headers the error needs, such as C{Allow}
+        on a 405 or C{Retry-After} on a 429.
+    """
+
+    status: int
+    message: str
+    type: str = INVALID_REQUEST
+    param: str | None = None
+    code: str | None = None
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+    def body(self) -> bytes:
+        """The OpenAI error document, as bytes ready to send."""
+        return json.dumps(
+            {
+                "error": {
+                    "message": self.message,
+                    "type": self.type,
+                    "param": self.param,
+                    "code": self.code,
+                }
+            }
+        ).encode()
+
+    def sse_event(self) -> bytes:
+        """The error as a final server-sent event, for a stream already under way."""
+        return b"data: " + self.body() + b"\n\n"
+
+
+def invalid(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    """A 400 for a request body that breaks a rule."""
+    return ApiError(400, message, INVALID_REQUEST, param, code)
+
+
+def not_found(path: str) -> ApiError:
+    return ApiError(
+        404,
+        f"Unknown path {path!r}. This gateway serves POST /v1/chat/completions, "
+        "GET /v1/models, GET /healthz and GET /readyz.",
+        INVALID_REQUEST,
+        None,
+        "not_found",
+    )
+
+
+def method_not_allowed(method: str, allowed: tuple[bytes, ...]) -> ApiError:
+    allow = b", ".join(allowed)
+    return ApiError(
+        405,
+        f"Method {method} is not allowed here; use {allow.decode()}.",
+        INVALID_REQUEST,
+        None,
+        "method_not_allowed",
+        ((b"Allow", allow),),
+    )
+
+
+def unsupported_media_type() -> ApiError:
+    return ApiError(
+        415,
+        "Content-Type must be application/json; send the body as JSON.",
+        INVALID_REQUEST,
+        None,
+        "unsupported_media_type",
+    )
+
+
+def body_too_large(limit: int) -> ApiError:
+    return ApiError(
+        413,
+        f"The request body is larger than this gateway accepts ({limit} bytes). "
+        "Send a shorter conversation, or ask the operator to raise --max-body.",
+        INVALID_REQUEST,
+        None,
+        "request_too_large",
+        ((b"Connection", b"close"),),
+    )
+
+
+def upstream_unreachable(detail: str) -> ApiError:
+    return ApiError(
+        502,
+        f"The model server could not be reached: {detail}",
+        API_ERROR,
+        None,
+        "upstream_unreachable",
+    )
+
+
+def upstream_bad_reply(detail: str) -> ApiError:
+    return ApiError(
+        502,
+        f"The model server sent a reply the gateway cannot use: {detail}",
+        API_ERROR,
+        None,
+        "upstream_bad_response",
+    )
+
+
+def upstream_timeout(seconds: float, what: str = "reply") -> ApiError:
+    return ApiError(
+        504,
+        f"The model server did not {what} within {seconds:g} seconds.",
+        API_ERROR,
+        None,
+        "upstream_timeout",
+    )

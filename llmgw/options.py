@@ -1,0 +1,228 @@
+"""Command-line options, parsed once into a frozen L{Config}.
+
+The rest of the gateway sees only the L{Config}: every value in it has been
+checked here, so a bad flag ends start-up with a usage error that says what to
+do, never with a traceback from deep inside the service.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import attrs
+from twisted.python import usage
+
+DEFAULT_MODEL = "TheBloke/Mistral-7B-Instruct-v0.2-AWQ"
+MIB = 1024 * 1024
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@attrs.frozen
+class Config:
+    """Everything the gateway was told, checked and typed."""
+
+    bindip: str = "127.0.0.1"
+    bindport: int = 42069
+    aihost: str = "10.0.0.1"
+    aihostport: int = 443
+    aischeme: str = "https"
+    aica: str | None = None
+    timeout: float = 600.0
+    connect_timeout: float = 10.0
+    stream_idle_timeout: float = 120.0
+    read_timeout: float = 30.0
+    max_body: int = 4 * MIB
+    default_model: str = DEFAULT_MODEL
+    workers: int = 1
+    grace: float = 30.0
+    verbose: bool = False
+    rate_limit: int = 1000
+    rate_window: int = 900
+    rate_key: str = "ip"
+    ipv6_prefix: int = 56
+    trusted_proxies: tuple[Network, ...] = ()
+    allowed_fields: frozenset[str] = frozenset()
+    aikey_file: str | None = None
+    api_keys_file: str | None = None
+
+    @property
+    def upstream_base(self) -> bytes:
+        """The model server's origin, e.g. C{https://10.0.0.1:443}."""
+        host = f"[{self.aihost}]" if ":" in self.aihost else self.aihost
+        return f"{self.aischeme}://{host}:{self.aihostport}".encode()
+
+
+def _port(value: str) -> int:
+    port = _integer(value)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"{value} is not a TCP port; use 1 to 65535")
+    return port
+
+
+def _integer(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a whole number") from None
+
+
+def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+    def coerce(value: str) -> float:
+        try:
+            number = kind(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a number") from None
+        if not number > 0 or number == float("inf"):
+            raise ValueError(f"{value} must be a finite number above 0")
+        return number
+
+    return coerce
+
+
+def _seconds(value: str) -> float:
+    return _positive(float)(value)
+
+
+def _size(value: str) -> int:
+    return int(_positive(int)(value))
+
+
+def _count(value: str) -> int:
+    number = _integer(value)
+    if number < 0:
+        raise ValueError(f"{value} must be 0 or more")
+    return number
+
+
+class Options(usage.Options):
+    """C{twistd llmgw} and C{llmgw} take these."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Serve an OpenAI-compatible /v1/chat/completions that validates each request, "
+        "limits each client, and forwards it over verified HTTPS to a model server."
+    )
+
+    optFlags: ClassVar[list[list[str | None]]] = [
+        ["verbose", "v", "Log each request and reply in full (coloured on a terminal)."],
+    ]
+
+    optParameters: ClassVar[list[list[Any]]] = [
+        ["bindip", None, "127.0.0.1", "Address to listen on."],
+        ["bindport", None, 42069, "Port to listen on.", _port],
+        ["aihost", None, "10.0.0.1", "Model server host name or address."],
+        ["aihostport", None, 443, "Model server port.", _port],
+        ["aischeme", None, "https", "Model server scheme: https or http."],
+        [
+            "aica",
+            None,
+            None,
+            "PEM bundle to trust for the model server (default: the platform trust store).",
+        ],
+        ["timeout", None, 600.0, "Seconds to wait for the model server's reply headers.", _seconds],
+        [
+            "connect-timeout",
+            None,
+            10.0,
+            "Seconds to wait to connect to the model server.",
+            _seconds,
+        ],
+        [
+            "stream-idle-timeout",
+            None,
+            120.0,
+            "Longest silence, in seconds, between two chunks of a streamed reply.",
+            _seconds,
+        ],
+        ["read-timeout", None, 30.0, "Seconds a client has to send a whole request.", _seconds],
+        ["max-body", None, 4 * MIB, "Largest request body, in bytes.", _size],
+        ["default-model", None, DEFAULT_MODEL, "Model used when a request names none."],
+        ["workers", None, None, "Worker processes (default: one per CPU).", _size],
+        ["grace", None, 30.0, "Seconds to let requests finish on shutdown.", _seconds],
+        ["rate-limit", None, 1000, "Requests per client per window; 0 turns limiting off.", _count],
+        ["rate-window", None, 900, "Length of the sliding window, in seconds.", _size],
+        ["rate-key", None, "ip", "What the limiter counts by: ip or key."],
+        ["ipv6-prefix", None, 56, "IPv6 clients are grouped by this prefix length.", _integer],
+        ["aikey-file", None, None, "File holding the model server's API key."],
+        [
+            "api-keys-file",
+            None,
+            None,
+            "File of client API keys, one a line; when set, every /v1 request needs one.",
+        ],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self["trusted_proxies"] = []
+        self["allowed_fields"] = []
+
+    def opt_trusted_proxy(self, cidr: str) -> None:
+        """Believe X-Forwarded-For and Forwarded from peers in CIDR (repeatable)."""
+        try:
+            self["trusted_proxies"].append(ipaddress.ip_network(cidr, strict=False))
+        except ValueError:
+            raise usage.UsageError(f"--trusted-proxy {cidr!r} is not an address or CIDR") from None
+
+    def opt_allow_field(self, name: str) -> None:
+        """Forward this model-server-reconfiguring field (repeatable)."""
+        self["allowed_fields"].append(name)
+
+    def postOptions(self) -> None:
+        self.config = self._config()
+
+    def _config(self) -> Config:
+        scheme = self["aischeme"].lower()
+        if scheme not in ("https", "http"):
+            raise usage.UsageError(f"--aischeme must be https or http, not {self['aischeme']!r}")
+        if self["rate-key"] not in ("ip", "key"):
+            raise usage.UsageError(f"--rate-key must be ip or key, not {self['rate-key']!r}")
+        if not 0 <= self["ipv6-prefix"] <= 128:
+            raise usage.UsageError("--ipv6-prefix must be between 0 and 128")
+        if self["rate-key"] == "key" and not self["api-keys-file"]:
+            raise usage.UsageError("--rate-key key needs --api-keys-file")
+        try:
+            ipaddress.ip_address(self["bindip"])
+        except ValueError:
+            raise usage.UsageError(f"--bindip {self['bindip']!r} is not an IP address") from None
+        for flag in ("aica", "aikey-file", "api-keys-file"):
+            path = self[flag]
+            if path is not None and not os.access(path, os.R_OK):
+                raise usage.UsageError(f"--{flag} {path!r}: no such readable file")
+        if self["aica"] is not None:
+            from llmgw.upstream import load_trust_root
+
+            try:
+                load_trust_root(self["aica"])
+            except ValueError as e:
+                raise usage.UsageError(f"--aica {self['aica']!r}: {e}") from None
+        workers = self["workers"] if self["workers"] is not None else (os.cpu_count() or 1)
+        return Config(
+            bindip=self["bindip"],
+            bindport=self["bindport"],
+            aihost=self["aihost"],
+            aihostport=self["aihostport"],
+            aischeme=scheme,
+            aica=self["aica"],
+            timeout=self["timeout"],
+            connect_timeout=self["connect-timeout"],
+            stream_idle_timeout=self["stream-idle-timeout"],
+            read_timeout=self["read-timeout"],
+            max_body=self["max-body"],
+            default_model=self["default-model"],
+            workers=workers,
+            grace=self["grace"],
+            verbose=bool(self["verbose"]),
+            rate_limit=self["rate-limit"],
+            rate_window=self["rate-window"],
+            rate_key=self["rate-key"],
+            ipv6_prefix=self["ipv6-prefix"],
+            trusted_proxies=tuple(self["trusted_proxies"]),
+            allowed_fields=frozenset(self["allowed_fields"]),
+            aikey_file=self["aikey-file"],
+            api_keys_file=self["api-keys-file"],
+        )

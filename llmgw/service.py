@@ -1,0 +1,108 @@
+"""Compose the gateway's services from a L{Config}: the twistd plugin's entry point.
+
+C{makeService(options)} is what C{twistd llmgw} calls; L{make_service} takes
+the reactor explicitly so tests can check the wiring without starting anything.
+With one worker the gateway serves in this process; with more, the parent binds
+the socket and hands it to worker processes (L{llmgw.cluster}).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import signal
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.interfaces import IReactorTCP, IReactorTime
+from twisted.logger import Logger
+
+from llmgw.api import GatewayResource
+from llmgw.keys import KeyRing
+from llmgw.logs import RequestLog, use_colour
+from llmgw.options import Config, Options
+from llmgw.ratelimit import ILimiter, SlidingWindowLimiter
+from llmgw.site import GatewaySite
+from llmgw.upstream import UpstreamClient
+
+__all__ = ["Options", "makeService", "make_service"]
+
+log = Logger()
+
+
+def build_site(
+    config: Config, reactor: Any, limiter: ILimiter | None, keys: KeyRing
+) -> GatewaySite:
+    """The HTTP side of one worker, from its configuration and its limiter."""
+    request_log = RequestLog(reactor, verbose=config.verbose, colour=use_colour())
+    resource = GatewayResource(
+        config, UpstreamClient(reactor, config), reactor, request_log, limiter, keys
+    )
+    return GatewaySite(
+        resource,
+        reactor,
+        max_body=config.max_body,
+        read_timeout=config.read_timeout,
+        access_log=None if config.verbose else request_log.access,
+    )
+
+
+def local_limiter(config: Config, clock: IReactorTime) -> ILimiter | None:
+    """The in-process limiter, or L{None} when C{--rate-limit 0} turns limiting off."""
+    if config.rate_limit == 0:
+        return None
+    return SlidingWindowLimiter(config.rate_limit, config.rate_window, clock)
+
+
+def listening_endpoint(config: Config, reactor: IReactorTCP, backlog: int = 1024) -> Any:
+    if ipaddress.ip_address(config.bindip).version == 6:
+        return TCP6ServerEndpoint(reactor, config.bindport, backlog, config.bindip)
+    return TCP4ServerEndpoint(reactor, config.bindport, backlog, config.bindip)
+
+
+class KeyReloadService(Service):
+    """Reload key files on SIGHUP, without touching a connection."""
+
+    def __init__(self, keys: KeyRing, reactor: Any) -> None:
+        self.keys = keys
+        self.reactor = reactor
+        self._previous: Any = None
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self._previous = signal.signal(signal.SIGHUP, self._hangup)
+
+    def _hangup(self, signum: int, frame: object) -> None:
+        self.reactor.callFromThread(self.keys.reload)
+
+    def stopService(self) -> Any:
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+        return super().stopService()  # type: ignore[no-untyped-call]
+
+
+def make_service(config: Config, reactor: Any) -> MultiService:
+    """Everything C{twistd llmgw} runs, wired but not started."""
+    top = MultiService()
+    keys = KeyRing(config.aikey_file, config.api_keys_file)
+    KeyReloadService(keys, reactor).setServiceParent(top)  # type: ignore[no-untyped-call]
+    site = build_site(config, reactor, local_limiter(config, reactor), keys)
+    server = StreamServerEndpointService(listening_endpoint(config, reactor), site)
+    # Like twisted.application.strports: a port that cannot be bound ends
+    # start-up with the error instead of a gateway that serves nothing.
+    server._raiseSynchronously = True
+    server.setServiceParent(top)
+    log.info(
+        "llmgw on {bindip}:{bindport}, forwarding to {upstream}",
+        bindip=config.bindip,
+        bindport=config.bindport,
+        upstream=config.upstream_base.decode(),
+    )
+    return top
+
+
+def makeService(options: Options) -> IService:
+    from twisted.internet import reactor
+
+    return make_service(options.config, reactor)

@@ -1,0 +1,239 @@
+"""The HTTP layer: a twisted.web Site whose requests are bounded and always hardened.
+
+Twisted's own request handling reads any body into memory or a temporary file
+and lets a client take as long as it likes to send it.  A gateway in front of a
+model server cannot afford either, so this module adds three things at the
+connection level, before any resource runs:
+
+ - a body over C{--max-body} is refused from its Content-Length before it is
+   read, and a chunked body is cut off as soon as it passes the cap;
+ - a request (head and body) must arrive within C{--read-timeout}, so a client
+   trickling a byte a second cannot hold a connection;
+ - every response, including the ones written here without a resource, carries
+   the hardening headers and the OpenAI error shape.
+"""
+
+from __future__ import annotations
+
+from io import BytesIO
+from typing import Any, cast
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http, server
+from twisted.web.resource import IResource
+
+from llmgw.errors import API_ERROR, ApiError, body_too_large, invalid
+from llmgw.headers import HARDENING_HEADERS, secure
+
+log = Logger()
+
+#: Seconds to keep reading (and discarding) a refused request's body after the
+#: error response went out, so the client sees the response instead of a reset.
+LINGER_SECONDS = 2.0
+
+#: Seconds a keep-alive connection may sit idle between requests.
+IDLE_SECONDS = 60
+
+
+def raw_response(error: ApiError) -> bytes:
+    """
+    A complete HTTP/1.1 response for an error found before any resource ran.
+
+    Used where Twisted's request machinery is bypassed (an oversized body, a
+    missed read deadline, a malformed head), so the framing is written here;
+    the body and headers still come from L{ApiError} and L{HARDENING_HEADERS}.
+    """
+    body = error.body()
+    reason = http.RESPONSES.get(error.status, b"Error")
+    lines = [
+        b"HTTP/1.1 %d %s" % (error.status, reason),
+        b"Content-Type: application/json",
+        b"Content-Length: %d" % (len(body),),
+        b"Connection: close",
+    ]
+    lines += [name + b": " + value for name, value in HARDENING_HEADERS + error.headers]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def render_error(request: server.Request, error: ApiError) -> None:
+    """Finish C{request} with C{error} in OpenAI's shape."""
+    if request.finished or request._disconnected:
+        return
+    body = error.body()
+    request.setResponseCode(error.status)
+    request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"Content-Length", b"%d" % (len(body),))
+    for name, value in error.headers:
+        request.setHeader(name, value)
+    request.write(body)
+    request.finish()
+
+
+class GatewayRequest(server.Request):
+    """A request whose body is bounded and whose responses are always hardened."""
+
+    _received = 0
+
+    def gotLength(self, length: int | None) -> None:
+        # Bodies are capped by --max-body, so memory is the right place for
+        # them; Twisted would otherwise spill anything over 100 KB to disk.
+        self.content = BytesIO()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self._received += len(data)
+        channel = cast(GatewayChannel, self.channel)
+        if self._received > channel.site.max_body:
+            channel.refuse(body_too_large(channel.site.max_body))
+            return
+        cast(BytesIO, self.content).write(data)
+
+    def write(self, data: bytes) -> None:
+        if not self.startedWriting:
+            secure(self.responseHeaders)
+        super().write(data)  # type: ignore[no-untyped-call]
+
+    def processingFailed(self, reason: Failure) -> None:
+        """A bug, not bad input: log the traceback, never send it."""
+        log.failure("Unhandled error serving {path}", reason, path=self.path)
+        render_error(
+            self,
+            ApiError(500, "The gateway failed unexpectedly; the error is logged.", API_ERROR),
+        )
+
+
+class GatewayChannel(http.HTTPChannel):
+    """An HTTP channel that enforces the body cap and the read deadline."""
+
+    site: GatewaySite
+    _refused = False
+    _read_deadline: IDelayedCall | None = None
+    _linger: IDelayedCall | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self._read_deadline is None and not self._handlingRequest:
+            self._read_deadline = self.callLater(  # type: ignore[no-untyped-call]
+                self.site.read_timeout, self._read_timed_out
+            )
+        super().dataReceived(data)  # type: ignore[no-untyped-call]
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if not self._refused:
+            super().rawDataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        if not self._refused:
+            super().lineReceived(line)  # type: ignore[no-untyped-call]
+
+    def allHeadersReceived(self) -> None:
+        if self.length is not None and self.length > self.site.max_body:
+            self.refuse(body_too_large(self.site.max_body))
+            return
+        super().allHeadersReceived()  # type: ignore[no-untyped-call]
+
+    def allContentReceived(self) -> None:
+        self._cancel_read_deadline()
+        if not self._refused:
+            super().allContentReceived()  # type: ignore[no-untyped-call]
+
+    def _cancel_read_deadline(self) -> None:
+        if self._read_deadline is not None:
+            if self._read_deadline.active():
+                self._read_deadline.cancel()
+            self._read_deadline = None
+
+    def _read_timed_out(self) -> None:
+        self._read_deadline = None
+        log.info(
+            "Closing {peer}: request not received within {seconds}s",
+            peer=self._transport.getPeer(),
+            seconds=self.site.read_timeout,
+        )
+        self.refuse(
+            ApiError(
+                408,
+                f"The request did not arrive within {self.site.read_timeout:g} seconds.",
+                code="request_timeout",
+            )
+        )
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        """Twisted's reply to a malformed or oversized head, in our shape."""
+        self.refuse(
+            invalid(
+                "The request line or headers are malformed, or larger than 16 KiB.",
+                code="bad_request",
+            )
+        )
+
+    def refuse(self, error: ApiError) -> None:
+        """
+        Answer with C{error} and close, without reading the rest of the request.
+
+        The write side is closed at once; the read side keeps draining (and
+        discarding) for L{LINGER_SECONDS}, because closing a socket with unread
+        data makes the kernel send a reset that can destroy the response.
+        """
+        if self._refused:
+            return
+        self._refused = True
+        self._cancel_read_deadline()
+        self.setTimeout(None)  # type: ignore[no-untyped-call]
+        transport = self._transport
+        transport.write(raw_response(error))
+        loseWrite = getattr(transport, "loseWriteConnection", None)
+        if loseWrite is None:
+            transport.loseConnection()
+            return
+        loseWrite()
+        self._linger = self.callLater(  # type: ignore[no-untyped-call]
+            LINGER_SECONDS, transport.abortConnection
+        )
+
+    @property
+    def _transport(self) -> Any:
+        """The TCP transport: connected whenever a channel method runs."""
+        assert self.transport is not None
+        return self.transport
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self._cancel_read_deadline()
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]
+
+
+class GatewaySite(server.Site):
+    """
+    The gateway's Site: bounded requests, idle keep-alives closed, access log.
+
+    @ivar max_body: largest request body, in bytes.
+    @ivar read_timeout: seconds a client has to deliver a whole request.
+    """
+
+    requestFactory = GatewayRequest
+    protocol = GatewayChannel  # type: ignore[assignment]
+    noisy = False
+
+    def __init__(
+        self,
+        resource: IResource,
+        clock: IReactorTime,
+        *,
+        max_body: int,
+        read_timeout: float,
+        access_log: Any = None,
+    ) -> None:
+        super().__init__(  # type: ignore[no-untyped-call]
+            resource, timeout=IDLE_SECONDS, reactor=clock
+        )
+        self.max_body = max_body
+        self.read_timeout = read_timeout
+        self._access_log = access_log
+
+    def log(self, request: http.Request) -> None:
+        if self._access_log is not None:
+            self._access_log(request)

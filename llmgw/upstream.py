@@ -1,0 +1,283 @@
+"""Forward requests to the model server, and bring its replies back.
+
+One persistent connection pool per process, verified TLS (the platform's trust
+store or C{--aica}, with hostname checks by service-identity, and no fallback
+to unverified), and deadlines on every stage.  Every way the model server can
+fail ends here as an L{ApiError}: 502 when it cannot be reached or answers
+nonsense, 504 when it is too slow.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import treq
+from OpenSSL import SSL
+from service_identity import VerificationError
+from twisted.internet import error as neterror
+from twisted.internet._sslverify import IOpenSSLTrustRoot
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.internet.ssl import Certificate, platformTrust, trustRootFromCertificates
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import (
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    HTTPConnectionPool,
+    ResponseDone,
+    ResponseFailed,
+    _HTTP11ClientFactory,
+)
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IResponse
+from twisted.web.server import Request
+
+from llmgw import errors
+from llmgw.errors import ApiError
+from llmgw.options import Config
+
+log = Logger()
+
+_PEM_BEGIN = b"-----BEGIN CERTIFICATE-----"
+
+T = TypeVar("T")
+
+
+def load_trust_root(path: str) -> IOpenSSLTrustRoot:
+    """
+    Trust exactly the certificates in a PEM bundle.
+
+    @raise ValueError: the file holds no certificate, or one that does not parse.
+    """
+    with open(path, "rb") as f:
+        pem = f.read()
+    blocks = [_PEM_BEGIN + block for block in pem.split(_PEM_BEGIN)[1:]]
+    if not blocks:
+        raise ValueError("no PEM certificate in the file")
+    try:
+        certificates = [Certificate.loadPEM(block) for block in blocks]
+    except Exception as e:
+        raise ValueError(f"a certificate does not parse ({e})") from None
+    trust: IOpenSSLTrustRoot = trustRootFromCertificates(certificates)
+    return trust
+
+
+def _describe(failure: Failure) -> str:
+    """Say why a connection failed, in words an operator can act on."""
+    reasons = getattr(failure.value, "reasons", None) or [failure]
+    for reason in reasons:
+        if reason.check(SSL.Error, VerificationError):
+            return (
+                "TLS verification failed (the certificate is not trusted or does not "
+                "match the host; check --aica and --aihost)"
+            )
+    if failure.check(neterror.ConnectionRefusedError):
+        return "connection refused (is the model server running on --aihost/--aihostport?)"
+    if failure.check(neterror.DNSLookupError):
+        return "the host name does not resolve (check --aihost)"
+    if failure.check(neterror.ConnectError):
+        return f"cannot connect ({failure.getErrorMessage()})"
+    return "the connection failed before a reply arrived"
+
+
+class _QuietFactory(_HTTP11ClientFactory):
+    """Twisted logs every new pooled connection; at gateway rates that is noise."""
+
+    noisy = False
+
+
+class _QuietPool(HTTPConnectionPool):
+    _factory = _QuietFactory
+
+
+class UpstreamClient:
+    """
+    The model server, as seen by one worker process.
+
+    @ivar base: origin every path is appended to, e.g. C{b"https://10.0.0.1:443"}.
+    """
+
+    def __init__(self, reactor: Any, config: Config, clock: IReactorTime | None = None) -> None:
+        """
+        @param reactor: connects to the model server.
+        @param clock: runs the deadlines; the reactor unless a test drives time.
+        """
+        self.clock = reactor if clock is None else clock
+        self.config = config
+        self.base = config.upstream_base
+        self.pool = _QuietPool(reactor, persistent=True)  # type: ignore[no-untyped-call]
+        self.pool.maxPersistentPerHost = 256
+        self.pool.cachedConnectionTimeout = 120
+        trust = load_trust_root(config.aica) if config.aica else platformTrust()
+        agent = Agent(
+            reactor,
+            contextFactory=BrowserLikePolicyForHTTPS(trustRoot=trust),
+            connectTimeout=config.connect_timeout,
+            pool=self.pool,
+        )
+        self.http = treq.client.HTTPClient(agent)
+
+    def send(
+        self,
+        method: bytes,
+        path: bytes,
+        body: bytes | None,
+        authorization: bytes | None,
+        deadline: float,
+    ) -> Deferred[IResponse]:
+        """
+        Start a request; its Deferred fires with the response once its headers
+        arrive, or fails with an L{ApiError}.  Cancelling it (the client went
+        away) closes the upstream connection, so the model stops generating.
+        """
+        headers = Headers({b"Accept": [b"application/json"]})
+        if body is not None:
+            headers.setRawHeaders(b"Content-Type", [b"application/json"])
+        if authorization is not None:
+            headers.setRawHeaders(b"Authorization", [authorization])
+        d: Deferred[Any] = self.http.request(
+            method.decode("ascii"),
+            self.base + path,
+            data=body,
+            headers=headers,
+            allow_redirects=False,
+            unbuffered=True,
+        )
+        return _with_deadline(
+            self.clock, d, deadline, lambda: errors.upstream_timeout(deadline), self._translate
+        )
+
+    def _translate(self, failure: Failure) -> Failure:
+        if failure.check(ApiError, CancelledError):
+            return failure
+        if any(r.check(CancelledError) for r in getattr(failure.value, "reasons", ())):
+            raise CancelledError()  # the client went away and cancelled it
+        if failure.check(neterror.TimeoutError):
+            raise errors.upstream_timeout(
+                self.config.connect_timeout, "accept the connection"
+            ) from None
+        log.info("Upstream request failed: {why}", why=failure.getErrorMessage())
+        raise errors.upstream_unreachable(_describe(failure))
+
+    def read_json(self, response: IResponse) -> Deferred[tuple[int, bytes, Any]]:
+        """
+        Collect a whole reply, within C{--timeout}, and check that it is JSON.
+
+        @return: status, the reply's bytes as they came, and the parsed document.
+        """
+        d: Deferred[bytes] = treq.content(response)
+        d = _with_deadline(
+            self.clock,
+            d,
+            self.config.timeout,
+            lambda: errors.upstream_timeout(self.config.timeout),
+            _translate_body,
+        )
+
+        def check(body: bytes) -> tuple[int, bytes, Any]:
+            try:
+                return response.code, body, json.loads(body)
+            except ValueError:
+                raise errors.upstream_bad_reply(
+                    f"a {response.code} reply that is not JSON"
+                ) from None
+
+        return d.addCallback(check)
+
+
+def _translate_body(failure: Failure) -> Failure:
+    if failure.check(ApiError, CancelledError):
+        return failure
+    raise errors.upstream_bad_reply("the connection broke in the middle of the reply")
+
+
+def _with_deadline(
+    clock: IReactorTime,
+    d: Deferred[T],
+    seconds: float,
+    on_timeout: Callable[[], ApiError],
+    translate: Callable[[Failure], Failure],
+) -> Deferred[T]:
+    """Cancel C{d} after C{seconds}, and report that as C{on_timeout()}."""
+    timer = clock.callLater(seconds, d.cancel)
+
+    def settle(result: T | Failure) -> T | Failure:
+        if timer.active():
+            timer.cancel()
+            if isinstance(result, Failure):
+                return translate(result)
+            return result
+        if isinstance(result, Failure):
+            raise on_timeout()
+        return result
+
+    return d.addBoth(settle)
+
+
+class EventStreamRelay(Protocol):
+    """
+    Relay a C{text/event-stream} body to the client as it arrives.
+
+    The upstream connection is registered as the client's producer, so a slow
+    reader pauses the upstream read and memory stays flat however long the
+    stream runs.  Silence longer than C{idle_timeout}, or a broken upstream,
+    ends the stream with a final C{data: {"error": ...}} event.
+    """
+
+    transport: Any
+
+    def __init__(
+        self,
+        request: Request,
+        clock: IReactorTime,
+        idle_timeout: float,
+        on_chunk: Callable[[bytes], None] | None = None,
+    ) -> None:
+        self.request = request
+        self.clock = clock
+        self.idle_timeout = idle_timeout
+        self.on_chunk = on_chunk
+        self.done: Deferred[None] = Deferred()
+        self._idle: IDelayedCall | None = None
+        self._error: ApiError | None = None
+
+    def connectionMade(self) -> None:
+        self.request.registerProducer(self.transport, True)
+        self._idle = self.clock.callLater(self.idle_timeout, self._went_quiet)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._idle is not None:
+            self._idle.reset(self.idle_timeout)
+        if self.on_chunk is not None:
+            self.on_chunk(data)
+        self.request.write(data)
+
+    def _went_quiet(self) -> None:
+        self._idle = None
+        self._error = errors.upstream_timeout(self.idle_timeout, "send the next chunk")
+        self.transport.stopProducing()
+
+    def stop(self) -> None:
+        """The client went away: close the upstream connection."""
+        self.transport.stopProducing()
+
+    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        self._idle = None
+        request = self.request
+        if not request._disconnected and not request.finished:
+            request.unregisterProducer()
+            if self._error is None and not reason.check(ResponseDone, PotentialDataLoss):
+                self._error = errors.upstream_bad_reply("the stream broke off")
+                if reason.check(ResponseFailed):
+                    log.info("Upstream stream broke: {why}", why=reason.getErrorMessage())
+            if self._error is not None:
+                request.write(self._error.sse_event())
+            request.finish()
+        self.done.callback(None)

@@ -1,0 +1,302 @@
+"""Tests for L{llmgw.api}: the request path, over real loopback sockets and real TLS."""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+
+from llmgw.devtls import make_ca
+from llmgw.headers import HARDENING_HEADERS
+from llmgw.mock import Behaviour
+from llmgw.ratelimit import SlidingWindowLimiter
+from tests.loopback import (
+    Reply,
+    chat_body,
+    eventually,
+    gateway_config,
+    inline,
+    request,
+    start_gateway,
+    start_upstream,
+    write_ca,
+)
+
+
+class HeadersMixin:
+    def assertHardened(self: TestCase, reply: Reply) -> None:  # type: ignore[misc]
+        for name, value in HARDENING_HEADERS:
+            self.assertEqual(reply.headers.getRawHeaders(name), [value], name)
+        self.assertIsNone(reply.headers.getRawHeaders(b"Server"))
+        self.assertIsNone(reply.headers.getRawHeaders(b"X-Powered-By"))
+
+    def assertError(  # type: ignore[misc]
+        self: TestCase,
+        reply: Reply,
+        status: int,
+        type: str,
+        param: str | None = None,
+        code: str | None = None,
+    ) -> dict[str, object]:
+        self.assertEqual(reply.status, status, reply.body)
+        self.assertEqual(reply.header(b"Content-Type"), b"application/json")
+        error = reply.json()["error"]
+        self.assertEqual(set(error), {"message", "type", "param", "code"})
+        self.assertEqual((error["type"], error["param"], error["code"]), (type, param, code))
+        self.assertIsInstance(error["message"], str)
+        self.assertNotIn("Traceback", error["message"])
+        return error  # type: ignore[no-any-return]
+
+
+class RoundTripTests(HeadersMixin, TestCase):
+    """A client, the gateway and the stand-in model, over HTTPS with a test-made CA."""
+
+    @inline
+    async def test_completion(self) -> None:
+        upstream = start_upstream(self)
+        gateway = start_gateway(self, gateway_config(upstream))
+        reply = await request(self, gateway.port, body=chat_body("Hello there", temperature=0.7))
+        self.assertEqual(reply.status, 200, reply.body)
+        self.assertHardened(reply)
+        document = reply.json()
+        self.assertEqual(document["object"], "chat.completion")
+        self.assertEqual(document["model"], "TheBloke/Mistral-7B-Instruct-v0.2-AWQ")
+        self.assertEqual(document["choices"][0]["message"]["content"], "Hello there")
+        self.assertEqual(document["choices"][0]["finish_reason"], "stop")
+        self.assertEqual(set(document["usage"]) >= {"prompt_tokens", "completion_tokens"}, True)
+        self.assertEqual(upstream.model.completed, 1)
+
+    @inline
+    async def test_named_model_passes_through(self) -> None:
+        upstream = start_upstream(self)
+        gateway = start_gateway(self, gateway_config(upstream))
+        reply = await request(self, gateway.port, body=chat_body(model="my-model", seed=7))
+        self.assertEqual(reply.json()["model"], "my-model")
+
+    @inline
+    async def test_upstream_error_passes_through(self) -> None:
+        """A JSON 500 from the model server reaches the client unchanged."""
+        upstream = start_upstream(self, defaults=Behaviour(fault="500"))
+        gateway = start_gateway(self, gateway_config(upstream))
+        reply = await request(self, gateway.port, body=chat_body())
+        self.assertEqual(reply.status, 500)
+        self.assertIn("error", reply.json())
+        self.assertHardened(reply)
+
+    @inline
+    async def test_models(self) -> None:
+        upstream = start_upstream(self)
+        gateway = start_gateway(self, gateway_config(upstream))
+        reply = await request(self, gateway.port, "GET", b"/v1/models")
+        self.assertEqual(reply.status, 200)
+        self.assertEqual(reply.json()["data"][0]["id"], "TheBloke/Mistral-7B-Instruct-v0.2-AWQ")
+        self.assertHardened(reply)
+
+    @inline
+    async def test_plain_http_upstream(self) -> None:
+        upstream = start_upstream(self, tls=False)
+        gateway = start_gateway(self, gateway_config(upstream, aischeme="http"))
+        reply = await request(self, gateway.port, body=chat_body("plain"))
+        self.assertEqual(reply.json()["choices"][0]["message"]["content"], "plain")
+
+
+class ClientErrorTests(HeadersMixin, TestCase):
+    """Each error a client can cause, with its status, shape and headers."""
+
+    def setUp(self) -> None:
+        self.upstream = start_upstream(self)
+        self.gateway = start_gateway(self, gateway_config(self.upstream))
+
+    def tearDown(self) -> None:
+        self.assertEqual(self.upstream.model.started, 0, "an invalid request was forwarded")
+
+    @inline
+    async def test_temperature(self) -> None:
+        reply = await request(self, self.gateway.port, body=chat_body(temperature=1.5))
+        error = self.assertError(reply, 400, "invalid_request_error", "temperature")
+        self.assertEqual(error["message"], "Temperature must be between 0.1 and 1.0")
+        self.assertHardened(reply)
+
+    @inline
+    async def test_malformed_json(self) -> None:
+        reply = await request(self, self.gateway.port, body=b'{"messages": [')
+        self.assertError(reply, 400, "invalid_request_error")
+        self.assertHardened(reply)
+
+    @inline
+    async def test_bad_role_names_the_field(self) -> None:
+        body = json.dumps(
+            {"messages": [{"role": "user", "content": "a"}, {"role": "wizard", "content": "b"}]}
+        ).encode()
+        reply = await request(self, self.gateway.port, body=body)
+        self.assertError(reply, 400, "invalid_request_error", "messages[1].role")
+
+    @inline
+    async def test_get_is_405(self) -> None:
+        reply = await request(self, self.gateway.port, "GET")
+        self.assertError(reply, 405, "invalid_request_error", code="method_not_allowed")
+        self.assertEqual(reply.header(b"Allow"), b"POST")
+        self.assertHardened(reply)
+
+    @inline
+    async def test_post_models_is_405(self) -> None:
+        reply = await request(self, self.gateway.port, "POST", b"/v1/models", body=b"{}")
+        self.assertError(reply, 405, "invalid_request_error", code="method_not_allowed")
+        self.assertEqual(reply.header(b"Allow"), b"GET")
+
+    @inline
+    async def test_unknown_path_is_404(self) -> None:
+        reply = await request(self, self.gateway.port, "GET", b"/v1/engines")
+        self.assertError(reply, 404, "invalid_request_error", code="not_found")
+        self.assertHardened(reply)
+
+    @inline
+    async def test_wrong_content_type_is_415(self) -> None:
+        reply = await request(
+            self, self.gateway.port, body=chat_body(), headers={b"Content-Type": [b"text/plain"]}
+        )
+        self.assertError(reply, 415, "invalid_request_error", code="unsupported_media_type")
+        self.assertHardened(reply)
+
+    @inline
+    async def test_content_type_parameters_allowed(self) -> None:
+        headers = {b"Content-Type": [b"Application/JSON; charset=utf-8"]}
+        reply = await request(self, self.gateway.port, body=b"[]", headers=headers)
+        # Past the media type check: the body is what is wrong now.
+        self.assertError(reply, 400, "invalid_request_error")
+
+    @inline
+    async def test_body_over_limit_is_413(self) -> None:
+        gateway = start_gateway(self, gateway_config(self.upstream, max_body=100))
+        reply = await request(self, gateway.port, body=chat_body("x" * 200))
+        self.assertError(reply, 413, "invalid_request_error", code="request_too_large")
+        self.assertHardened(reply)
+
+    @inline
+    async def test_healthz(self) -> None:
+        reply = await request(self, self.gateway.port, "GET", b"/healthz")
+        self.assertEqual((reply.status, reply.json()), (200, {"status": "ok"}))
+        self.assertHardened(reply)
+
+
+class UpstreamFailureTests(HeadersMixin, TestCase):
+    """Every way the model server can fail is a 502 or a 504 in the error shape."""
+
+    @inline
+    async def test_untrusted_certificate(self) -> None:
+        upstream = start_upstream(self)
+        stranger = write_ca(self, make_ca("Some other CA"))
+        gateway = start_gateway(self, gateway_config(upstream, aica=stranger))
+        reply = await request(self, gateway.port, body=chat_body())
+        error = self.assertError(reply, 502, "api_error", code="upstream_unreachable")
+        self.assertIn("TLS", str(error["message"]))
+        self.assertHardened(reply)
+        self.assertEqual(upstream.model.started, 0)
+
+    @inline
+    async def test_wrong_hostname(self) -> None:
+        upstream = start_upstream(self, hostnames=("wrong.example",), ips=())
+        gateway = start_gateway(self, gateway_config(upstream))
+        reply = await request(self, gateway.port, body=chat_body())
+        error = self.assertError(reply, 502, "api_error", code="upstream_unreachable")
+        self.assertIn("TLS", str(error["message"]))
+        self.assertEqual(upstream.model.started, 0)
+
+    @inline
+    async def test_upstream_down(self) -> None:
+        gateway = start_gateway(self, gateway_config(aihostport=closed_port(), aischeme="http"))
+        reply = await request(self, gateway.port, body=chat_body())
+        error = self.assertError(reply, 502, "api_error", code="upstream_unreachable")
+        self.assertIn("refused", str(error["message"]))
+        self.assertHardened(reply)
+
+    @inline
+    async def test_not_json(self) -> None:
+        upstream = start_upstream(self, defaults=Behaviour(fault="garbage"))
+        gateway = start_gateway(self, gateway_config(upstream))
+        reply = await request(self, gateway.port, body=chat_body())
+        self.assertError(reply, 502, "api_error", code="upstream_bad_response")
+        self.assertHardened(reply)
+
+    @inline
+    async def test_slower_than_timeout(self) -> None:
+        """Past --timeout the client gets a 504 and the upstream connection is closed."""
+        clock = Clock()
+        upstream = start_upstream(self, defaults=Behaviour(fault="hang"))
+        gateway = start_gateway(self, gateway_config(upstream, timeout=5), clock=clock)
+        reply_d = Deferred.fromCoroutine(request(self, gateway.port, body=chat_body()))
+        await eventually(lambda: upstream.model.started == 1)
+        clock.advance(4.9)
+        self.assertNoResult(reply_d)
+        clock.advance(0.2)
+        reply = await reply_d
+        error = self.assertError(reply, 504, "api_error", code="upstream_timeout")
+        self.assertIn("5 seconds", str(error["message"]))
+        self.assertHardened(reply)
+        await eventually(lambda: upstream.model.cancelled == 1)
+
+    @inline
+    async def test_readyz(self) -> None:
+        upstream = start_upstream(self)
+        gateway = start_gateway(self, gateway_config(upstream))
+        reply = await request(self, gateway.port, "GET", b"/readyz")
+        self.assertEqual((reply.status, reply.json()), (200, {"status": "ready"}))
+
+    @inline
+    async def test_readyz_down(self) -> None:
+        gateway = start_gateway(self, gateway_config(aihostport=closed_port(), aischeme="http"))
+        reply = await request(self, gateway.port, "GET", b"/readyz")
+        error = self.assertError(reply, 503, "api_error", code="upstream_unavailable")
+        self.assertIn("refused", str(error["message"]))
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RateLimitTests(HeadersMixin, TestCase):
+    """The limiter on the request path: headers on every /v1 reply, 429 past the limit."""
+
+    @inline
+    async def test_limit_and_retry_after(self) -> None:
+        clock = Clock()
+        upstream = start_upstream(self)
+        config = gateway_config(upstream, rate_limit=2, rate_window=10)
+        gateway = start_gateway(
+            self, config, clock=clock, limiter=SlidingWindowLimiter(2, 10, clock)
+        )
+        first = await request(self, gateway.port, body=chat_body())
+        self.assertEqual(first.header(b"RateLimit-Policy"), b'"default";q=2;w=10')
+        self.assertEqual(first.header(b"RateLimit"), b'"default";r=1;t=10')
+        clock.advance(3)
+        second = await request(self, gateway.port, body=chat_body())
+        self.assertEqual(second.status, 200)
+        third = await request(self, gateway.port, body=chat_body())
+        error = self.assertError(third, 429, "rate_limit_error", code="rate_limit_exceeded")
+        self.assertIn("Retry after 7 seconds", str(error["message"]))
+        self.assertEqual(third.header(b"Retry-After"), b"7")
+        self.assertEqual(third.header(b"RateLimit"), b'"default";r=0;t=7')
+        self.assertEqual(third.header(b"x-ratelimit-remaining-requests"), b"0")
+        self.assertHardened(third)
+        self.assertEqual(upstream.model.started, 2, "a refused request was forwarded")
+        clock.advance(7)
+        fourth = await request(self, gateway.port, body=chat_body())
+        self.assertEqual(fourth.status, 200)
+
+    @inline
+    async def test_healthz_not_limited(self) -> None:
+        clock = Clock()
+        gateway = start_gateway(
+            self, gateway_config(), clock=clock, limiter=SlidingWindowLimiter(1, 10, clock)
+        )
+        for _ in range(3):
+            reply = await request(self, gateway.port, "GET", b"/healthz")
+            self.assertEqual(reply.status, 200)
+            self.assertIsNone(reply.header(b"RateLimit"))
