@@ -169,6 +169,10 @@ class GatewayChannel(http.HTTPChannel):
             )
         )
 
+    def lineLengthExceeded(self, line: bytes) -> None:
+        """One header line over 16 KiB: the same shaped 400, not a silent close."""
+        self._respondToBadRequestAndDisconnect()
+
     def refuse(self, error: ApiError) -> None:
         """
         Answer with C{error} and close, without reading the rest of the request.
