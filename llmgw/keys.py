@@ -71,7 +71,12 @@ class KeyRing:
             upstream = b"Bearer " + read_secret(self.aikey_file)
         digests: tuple[bytes, ...] = ()
         if self.api_keys_file is not None:
-            digests = tuple(_digest(key) for key in read_keys(self.api_keys_file))
+            keys = read_keys(self.api_keys_file)
+            if not keys:
+                # Half-written during a rotation, most likely: locking every
+                # client out is never what the operator meant.
+                raise ValueError(f"{self.api_keys_file} holds no key")
+            digests = tuple(_digest(key) for key in keys)
         self.upstream_authorization = upstream
         self._client_digests = digests
 

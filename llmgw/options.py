@@ -191,20 +191,34 @@ class Options(usage.Options):
             raise usage.UsageError(f"--bindip {self['bindip']!r} is not an IP address") from None
         for flag in ("aica", "aikey-file", "api-keys-file"):
             path = self[flag]
-            if path is not None and not os.access(path, os.R_OK):
+            if path is not None and not (os.path.isfile(path) and os.access(path, os.R_OK)):
                 raise usage.UsageError(f"--{flag} {path!r}: no such readable file")
         if self["aica"] is not None:
             from llmgw.upstream import load_trust_root
 
             try:
                 load_trust_root(self["aica"])
-            except ValueError as e:
+            except (OSError, ValueError) as e:
                 raise usage.UsageError(f"--aica {self['aica']!r}: {e}") from None
+        from llmgw.keys import KeyRing
+
+        try:
+            KeyRing(self["aikey-file"], self["api-keys-file"])
+        except (OSError, ValueError) as e:
+            raise usage.UsageError(f"key file: {e}") from None
+        aihost = self["aihost"].strip()
+        if aihost.startswith("[") and aihost.endswith("]"):
+            aihost = aihost[1:-1]
+        if not aihost or any(c in aihost for c in "/[]@ \t"):
+            raise usage.UsageError(
+                f"--aihost {self['aihost']!r} is not a host name or address; give the "
+                "host alone, with the port in --aihostport and the scheme in --aischeme"
+            )
         workers = self["workers"] if self["workers"] is not None else (os.cpu_count() or 1)
         return Config(
             bindip=self["bindip"],
             bindport=self["bindport"],
-            aihost=self["aihost"],
+            aihost=aihost,
             aihostport=self["aihostport"],
             aischeme=scheme,
             aica=self["aica"],

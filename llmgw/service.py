@@ -32,10 +32,16 @@ log = Logger()
 
 
 def build_site(
-    config: Config, reactor: Any, limiter: ILimiter | None, keys: KeyRing
+    config: Config,
+    reactor: Any,
+    limiter: ILimiter | None,
+    keys: KeyRing,
+    *,
+    colour: bool | None = None,
 ) -> GatewaySite:
     """The HTTP side of one worker, from its configuration and its limiter."""
-    request_log = RequestLog(reactor, verbose=config.verbose, colour=use_colour())
+    colour = use_colour() if colour is None else colour
+    request_log = RequestLog(reactor, verbose=config.verbose, colour=colour)
     resource = GatewayResource(
         config, UpstreamClient(reactor, config), reactor, request_log, limiter, keys
     )
@@ -82,23 +88,68 @@ class KeyReloadService(Service):
         return super().stopService()  # type: ignore[no-untyped-call]
 
 
+class DrainService(Service):
+    """
+    On stop, let the requests in hand finish (up to C{--grace}), then exit 0.
+
+    It is added before the listening service, so that L{MultiService} stops the
+    listener first.  A stop by SIGTERM or SIGINT that drained cleanly is a
+    success: twistd would otherwise re-raise the signal on exit, and systemd
+    and shells would see a killed process instead of exit status 0.
+    """
+
+    def __init__(self, site: GatewaySite, grace: float, reactor: Any) -> None:
+        self.site = site
+        self.grace = grace
+        self.reactor = reactor
+
+    def stopService(self) -> Any:
+        super().stopService()  # type: ignore[no-untyped-call]
+        return self.site.drain(self.grace).addCallback(lambda _: clear_exit_signal(self.reactor))
+
+
+def clear_exit_signal(reactor: Any) -> None:
+    """Exit 0 after a graceful stop (see L{DrainService})."""
+    if getattr(reactor, "_exitSignal", None) is not None:
+        reactor._exitSignal = None
+
+
+class _ClusterExit(Service):
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+
+    def stopService(self) -> Any:
+        super().stopService()  # type: ignore[no-untyped-call]
+        clear_exit_signal(self.reactor)
+
+
 def make_service(config: Config, reactor: Any) -> MultiService:
     """Everything C{twistd llmgw} runs, wired but not started."""
     top = MultiService()
+    log.info(
+        "llmgw on {bindip}:{bindport} with {workers} worker(s), forwarding to {upstream}",
+        bindip=config.bindip,
+        bindport=config.bindport,
+        workers=config.workers,
+        upstream=config.upstream_base.decode(),
+    )
+    # Fail now, with a usage-style message, rather than in every worker.
     keys = KeyRing(config.aikey_file, config.api_keys_file)
+    if config.workers > 1:
+        from llmgw.cluster import Supervisor
+
+        supervisor = Supervisor(config, reactor, colour=use_colour())
+        _ClusterExit(reactor).setServiceParent(top)  # type: ignore[no-untyped-call]
+        supervisor.setServiceParent(top)  # type: ignore[no-untyped-call]
+        return top
     KeyReloadService(keys, reactor).setServiceParent(top)  # type: ignore[no-untyped-call]
     site = build_site(config, reactor, local_limiter(config, reactor), keys)
+    DrainService(site, config.grace, reactor).setServiceParent(top)  # type: ignore[no-untyped-call]
     server = StreamServerEndpointService(listening_endpoint(config, reactor), site)
     # Like twisted.application.strports: a port that cannot be bound ends
     # start-up with the error instead of a gateway that serves nothing.
     server._raiseSynchronously = True
     server.setServiceParent(top)
-    log.info(
-        "llmgw on {bindip}:{bindport}, forwarding to {upstream}",
-        bindip=config.bindip,
-        bindport=config.bindport,
-        upstream=config.upstream_base.decode(),
-    )
     return top
 
 

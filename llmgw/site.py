@@ -18,6 +18,7 @@ from __future__ import annotations
 from io import BytesIO
 from typing import Any, cast
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -208,6 +209,14 @@ class GatewayChannel(http.HTTPChannel):
         if self._linger is not None and self._linger.active():
             self._linger.cancel()
         super().connectionLost(reason)  # type: ignore[no-untyped-call]
+        self.site.connection_closed(self)
+
+    def drain(self) -> None:
+        """Close now if idle; otherwise close once the request in hand is answered."""
+        if self.requests or self._handlingRequest:
+            self.persistent = False
+        else:
+            self._transport.loseConnection()
 
 
 class GatewaySite(server.Site):
@@ -234,9 +243,50 @@ class GatewaySite(server.Site):
         super().__init__(  # type: ignore[no-untyped-call]
             resource, timeout=IDLE_SECONDS, reactor=clock
         )
+        self.clock = clock
         self.max_body = max_body
         self.read_timeout = read_timeout
         self._access_log = access_log
+        self.channels: set[GatewayChannel] = set()
+        self._drained: Deferred[None] | None = None
+        self._drain_deadline: IDelayedCall | None = None
+
+    def buildProtocol(self, addr: Any) -> Any:
+        channel = super().buildProtocol(addr)  # type: ignore[no-untyped-call]
+        self.channels.add(channel)
+        if self._drained is not None:
+            channel.drain()
+        return channel
+
+    def connection_closed(self, channel: GatewayChannel) -> None:
+        self.channels.discard(channel)
+        if self._drained is not None and not self.channels:
+            drained, self._drained = self._drained, None
+            if self._drain_deadline is not None and self._drain_deadline.active():
+                self._drain_deadline.cancel()
+            drained.callback(None)
+
+    def drain(self, grace: float) -> Deferred[None]:
+        """
+        Let the requests in hand finish, for up to C{grace} seconds, then abort.
+
+        The caller stops listening first.  Idle keep-alive connections close at
+        once and busy ones as soon as their response is sent, so a graceful
+        stop fails no request that was already accepted.
+        """
+        if not self.channels:
+            return succeed(None)
+        self._drained = Deferred()
+        drained = self._drained
+        self._drain_deadline = self.clock.callLater(grace, self._abort_all)
+        for channel in list(self.channels):
+            channel.drain()
+        return drained
+
+    def _abort_all(self) -> None:
+        log.warn("Grace period over: aborting {count} connections", count=len(self.channels))
+        for channel in list(self.channels):
+            channel._transport.abortConnection()
 
     def log(self, request: http.Request) -> None:
         if self._access_log is not None:

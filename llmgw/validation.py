@@ -94,8 +94,10 @@ def _check_content(message: dict[str, Any], where: str) -> None:
 
 
 def _check_part(part: object, where: str) -> None:
-    if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-        raise invalid(f"{where} must be an object with a string 'type'.", f"{where}.type")
+    if not isinstance(part, dict):
+        raise invalid(f"{where} must be a content part object.", where)
+    if not isinstance(part.get("type"), str):
+        raise invalid(f"{where}.type must be a string.", f"{where}.type")
     kind = part["type"]
     if kind == "text" and not isinstance(part.get("text"), str):
         raise invalid(f"{where}.text must be a string.", f"{where}.text")
@@ -153,16 +155,19 @@ def validate_chat(
                 code="field_not_allowed",
             )
 
-    stream = document.get("stream", False)
-    if not isinstance(stream, bool):
+    stream = document.get("stream")
+    if stream is not None and not isinstance(stream, bool):
         raise invalid("stream must be true or false.", "stream")
 
-    if "model" not in document:
-        return ChatRequest(_with_model(body, default_model), default_model, stream)
+    if document.get("model") is None:
+        if "model" in document:  # "model": null; splicing would duplicate the key
+            document["model"] = default_model
+            return ChatRequest(json.dumps(document).encode(), default_model, bool(stream))
+        return ChatRequest(_with_model(body, default_model), default_model, bool(stream))
     model = document["model"]
     if not isinstance(model, str) or not model:
         raise invalid("model must be a non-empty string.", "model")
-    return ChatRequest(body, model, stream)
+    return ChatRequest(body, model, bool(stream))
 
 
 def _with_model(body: bytes, model: str) -> bytes:

@@ -1,0 +1,329 @@
+"""One worker per core: the parent binds, spawns, supervises and drains; workers serve.
+
+The parent binds the listening socket (in C{privilegedStartService}, so a low
+port works with twistd's C{--uid}) and never accepts on it: each worker is a
+fresh Python process, started with C{spawnProcess}, that finds the socket on
+its file descriptor 3 and adopts it into its own reactor, so the kernel spreads
+connections between them.
+
+Each worker talks to the parent over AMP on its stdin and stdout.  The parent
+owns the one sliding-window limiter, so the limit holds for the whole gateway
+rather than once per worker, and answers the console's C{stats} and
+C{verbose} by asking every worker.  A worker's stderr is its log: the parent
+logs each line tagged with the worker's number.  A worker whose stdin closes
+has lost its parent, however the parent died, and drains and exits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+from typing import Any, ClassVar
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessDone
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+
+from llmgw.options import Config
+from llmgw.ratelimit import SlidingWindowLimiter
+
+log = Logger()
+
+#: A worker that dies sooner than this after starting counts as crashing, and
+#: its restarts back off exponentially up to L{MAX_BACKOFF} seconds.
+STABLE_SECONDS = 10.0
+FIRST_BACKOFF = 0.1
+MAX_BACKOFF = 10.0
+
+#: How long the parent waits past --grace for workers to exit before SIGKILL.
+KILL_MARGIN = 5.0
+
+
+class Admit(amp.Command):
+    """Worker → parent: may this client make a request now?"""
+
+    arguments: ClassVar = [(b"key", amp.Unicode())]
+    response: ClassVar = [
+        (b"allowed", amp.Boolean()),
+        (b"limit", amp.Integer()),
+        (b"window", amp.Integer()),
+        (b"remaining", amp.Integer()),
+        (b"reset", amp.Integer()),
+    ]
+
+
+class WorkerStats(amp.Command):
+    """Parent → worker: the console's C{stats} row for this worker."""
+
+    arguments: ClassVar = []
+    response: ClassVar = [
+        (b"served", amp.Integer()),
+        (b"in_flight", amp.Integer()),
+        (b"refused", amp.Integer()),
+        (b"upstream_errors", amp.Integer()),
+        (b"uptime", amp.Float()),
+    ]
+
+
+class SetVerbose(amp.Command):
+    """Parent → worker: the console's C{verbose on|off}."""
+
+    arguments: ClassVar = [(b"on", amp.Boolean())]
+    response: ClassVar = []
+
+
+def config_to_json(config: Config) -> str:
+    """The worker's copy of the configuration, for its command line (no secrets in it)."""
+    values = attrs.asdict(config)
+    values["trusted_proxies"] = [str(network) for network in config.trusted_proxies]
+    values["allowed_fields"] = sorted(config.allowed_fields)
+    return json.dumps(values)
+
+
+def config_from_json(text: str) -> Config:
+    import ipaddress
+
+    values = json.loads(text)
+    values["trusted_proxies"] = tuple(
+        ipaddress.ip_network(network) for network in values["trusted_proxies"]
+    )
+    values["allowed_fields"] = frozenset(values["allowed_fields"])
+    return Config(**values)
+
+
+def bind_listening_socket(config: Config, backlog: int = 1024) -> socket.socket:
+    """The one listening socket every worker shares."""
+    family = socket.AF_INET6 if ":" in config.bindip else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((config.bindip, config.bindport))
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+class _ChildStdin:
+    """The transport AMP writes through: the worker's stdin pipe."""
+
+    def __init__(self, process: Any) -> None:
+        self.process = process
+
+    def write(self, data: bytes) -> None:
+        self.process.writeToChild(0, data)
+
+    def writeSequence(self, data: list[bytes]) -> None:
+        self.process.writeToChild(0, b"".join(data))
+
+    def loseConnection(self) -> None:
+        self.process.closeChildFD(0)
+
+    def getPeer(self) -> str:
+        return "worker"
+
+    def getHost(self) -> str:
+        return "parent"
+
+
+class ParentSide(amp.AMP):
+    """What the parent answers a worker: admission, from the one shared limiter."""
+
+    def __init__(self, limiter: SlidingWindowLimiter | None) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.limiter = limiter
+
+    @Admit.responder
+    def admit(self, key: str) -> dict[str, Any]:
+        if self.limiter is None:
+            raise amp.RemoteAmpError(b"NO_LIMITER", "rate limiting is off")
+        decision = self.limiter.decide(key)
+        return {
+            "allowed": decision.allowed,
+            "limit": decision.limit,
+            "window": decision.window,
+            "remaining": decision.remaining,
+            "reset": decision.reset,
+        }
+
+
+class WorkerProcess(ProcessProtocol):
+    """The parent's handle on one worker: its AMP channel and its log lines."""
+
+    def __init__(self, supervisor: Supervisor, number: int) -> None:
+        self.supervisor = supervisor
+        self.number = number
+        self.amp = ParentSide(supervisor.limiter)
+        self.started = supervisor.reactor.seconds()
+        self.ended: Deferred[None] = Deferred()
+        self._log_buffer = b""
+        self.pid: int | None = None
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.pid = self.transport.pid
+        self.amp.makeConnection(_ChildStdin(self.transport))  # type: ignore[no-untyped-call]
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD == 1:
+            self.amp.dataReceived(data)  # type: ignore[no-untyped-call]
+            return
+        lines = (self._log_buffer + data).split(b"\n")
+        self._log_buffer = lines.pop()
+        for line in lines:
+            log.info(
+                "worker {worker}: {line}",
+                worker=self.number,
+                line=line.decode("utf-8", "replace"),
+            )
+
+    def processEnded(self, reason: Failure) -> None:
+        self.amp.connectionLost(reason)  # type: ignore[no-untyped-call]
+        self.supervisor.worker_ended(self, reason)
+        self.ended.callback(None)
+
+    def signal(self, name: str) -> None:
+        try:
+            assert self.transport is not None
+            self.transport.signalProcess(name)
+        except Exception:
+            pass
+
+
+class Supervisor(Service):
+    """
+    The parent process: binds once, keeps C{workers} workers alive, drains on stop.
+
+    @ivar limiter: the gateway-wide limiter every worker consults, or L{None}.
+    """
+
+    def __init__(self, config: Config, reactor: Any, colour: bool) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.colour = colour
+        self.limiter = (
+            SlidingWindowLimiter(config.rate_limit, config.rate_window, reactor)
+            if config.rate_limit
+            else None
+        )
+        self.workers: dict[int, WorkerProcess] = {}
+        self.socket: socket.socket | None = None
+        self._backoff: dict[int, float] = {}
+        self._restarts: dict[int, IDelayedCall] = {}
+        self._stopping = False
+
+    def privilegedStartService(self) -> None:
+        self.socket = bind_listening_socket(self.config)
+        super().privilegedStartService()  # type: ignore[no-untyped-call]
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        if self.socket is None:
+            self.socket = bind_listening_socket(self.config)
+        signal.signal(signal.SIGHUP, self._forward_hangup)
+        for number in range(1, self.config.workers + 1):
+            self.spawn(number)
+
+    def _forward_hangup(self, signum: int, frame: object) -> None:
+        """SIGHUP reloads key files: every worker reads its own."""
+        self.reactor.callFromThread(self._signal_all, "HUP")
+
+    def _signal_all(self, name: str) -> None:
+        for worker in list(self.workers.values()):
+            worker.signal(name)
+
+    def spawn(self, number: int) -> None:
+        assert self.socket is not None
+        self._restarts.pop(number, None)
+        worker = WorkerProcess(self, number)
+        self.workers[number] = worker
+        arguments = [
+            sys.executable,
+            "-m",
+            "llmgw.worker",
+            config_to_json(self.config),
+            str(number),
+            "colour" if self.colour else "plain",
+        ]
+        self.reactor.spawnProcess(
+            worker,
+            sys.executable,
+            arguments,
+            env=os.environ.copy(),
+            childFDs={0: "w", 1: "r", 2: "r", 3: self.socket.fileno()},
+        )
+        log.info("Started worker {worker} (pid {pid})", worker=number, pid=worker.pid)
+
+    def worker_ended(self, worker: WorkerProcess, reason: Failure) -> None:
+        if self.workers.get(worker.number) is worker:
+            del self.workers[worker.number]
+        if self._stopping:
+            return
+        ran = self.reactor.seconds() - worker.started
+        why = "exited cleanly" if reason.check(ProcessDone) else reason.getErrorMessage()
+        backoff = self._backoff.get(worker.number, 0.0)
+        backoff = (
+            0.0 if ran >= STABLE_SECONDS else min(max(backoff * 2, FIRST_BACKOFF), MAX_BACKOFF)
+        )
+        self._backoff[worker.number] = backoff
+        log.warn(
+            "Worker {worker} (pid {pid}) {why} after {ran:.1f}s; restarting in {backoff:.1f}s",
+            worker=worker.number,
+            pid=worker.pid,
+            why=why,
+            ran=ran,
+            backoff=backoff,
+        )
+        self._restarts[worker.number] = self.reactor.callLater(backoff, self.spawn, worker.number)
+
+    def stopService(self) -> Deferred[None]:
+        """Ask every worker to drain, wait for them, and close the socket."""
+        super().stopService()  # type: ignore[no-untyped-call]
+        self._stopping = True
+        for restart in self._restarts.values():
+            if restart.active():
+                restart.cancel()
+        self._restarts.clear()
+        workers = list(self.workers.values())
+        log.info("Stopping {count} workers", count=len(workers))
+        for worker in workers:
+            worker.signal("TERM")
+        killer = self.reactor.callLater(self.config.grace + KILL_MARGIN, self._signal_all, "KILL")
+
+        def all_ended(_: object) -> None:
+            if killer.active():
+                killer.cancel()
+            if self.socket is not None:
+                self.socket.close()
+                self.socket = None
+
+        d: Deferred[Any] = defer.gatherResults([w.ended for w in workers])
+        return d.addCallback(all_ended)
+
+    async def stats(self) -> dict[str, Any]:
+        """Every worker's counters, and the limiter's tracked clients."""
+        rows = []
+        for number, worker in sorted(self.workers.items()):
+            try:
+                answer = await worker.amp.callRemote(WorkerStats)  # type: ignore[no-untyped-call]
+            except Exception:
+                continue
+            rows.append({"worker": number, "pid": worker.pid, **answer})
+        tracked = 0 if self.limiter is None else len(self.limiter)
+        return {"workers": rows, "tracked_clients": tracked}
+
+    async def set_verbose(self, on: bool) -> None:
+        for worker in list(self.workers.values()):
+            await worker.amp.callRemote(SetVerbose, on=on)  # type: ignore[no-untyped-call]

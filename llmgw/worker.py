@@ -1,0 +1,191 @@
+"""A worker process: adopt the parent's socket, serve, ask the parent to admit.
+
+Started by L{llmgw.cluster.Supervisor} as C{python -m llmgw.worker CONFIG N
+COLOUR} with the listening socket on file descriptor 3, AMP to the parent on
+stdin/stdout, and its log on stderr.  It ignores SIGINT (a Ctrl-C in the
+terminal reaches the whole process group; the parent decides), drains on
+SIGTERM, and drains too when its stdin closes, because that means the parent
+is gone, even if it was killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import socket
+import sys
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.stdio import StandardIO
+from twisted.logger import FileLogObserver, Logger, eventAsText, globalLogBeginner
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from llmgw.api import GatewayResource
+from llmgw.cluster import Admit, SetVerbose, WorkerStats, config_from_json
+from llmgw.keys import KeyRing
+from llmgw.options import Config
+from llmgw.ratelimit import Decision, ILimiter, SlidingWindowLimiter
+from llmgw.site import GatewaySite
+
+log = Logger()
+
+LISTENING_FD = 3
+
+#: Seconds a worker waits for the parent's admission before deciding alone.
+ADMIT_TIMEOUT = 1.0
+
+
+@implementer(ILimiter)
+class RemoteLimiter:
+    """
+    The parent's limiter, seen from a worker.
+
+    If the parent cannot answer (gone, or slower than L{ADMIT_TIMEOUT}), the
+    worker falls back to a local limiter holding its share, C{limit // workers},
+    of the limit: the gateway-wide guarantee never to over-admit still holds,
+    at the cost of refusing some clients sooner.  Both transitions are logged.
+    """
+
+    def __init__(
+        self,
+        parent: amp.AMP,
+        fallback: SlidingWindowLimiter,
+        fallback_share: int,
+        clock: IReactorTime,
+    ) -> None:
+        self.parent = parent
+        self.fallback = fallback
+        self.fallback_share = fallback_share
+        self.clock = clock
+        self.degraded = False
+
+    def admit(self, key: str) -> Deferred[Decision]:
+        result: Deferred[Decision] = Deferred()
+        timer = self.clock.callLater(ADMIT_TIMEOUT, self._give_up, result, key, "timed out")
+
+        def answered(answer: dict[str, Any]) -> None:
+            if result.called:
+                return
+            timer.cancel()
+            if self.degraded:
+                self.degraded = False
+                log.info("The parent's limiter answers again")
+            result.callback(Decision(**answer))
+
+        def failed(failure: Failure) -> None:
+            if not result.called:
+                timer.cancel()
+                self._give_up(result, key, failure.getErrorMessage())
+
+        self.parent.callRemote(Admit, key=key).addCallbacks(answered, failed)
+        return result
+
+    def _give_up(self, result: Deferred[Decision], key: str, why: str) -> None:
+        if not self.degraded:
+            self.degraded = True
+            log.error(
+                "The parent's limiter cannot be reached ({why}); admitting by this "
+                "worker's share of the limit ({share}) until it answers",
+                why=why,
+                share=self.fallback_share,
+            )
+        result.callback(self.fallback.decide(key))
+
+
+class WorkerSide(amp.AMP):
+    """What a worker answers the parent: its counters, and verbose on or off."""
+
+    resource: GatewayResource | None = None
+
+    def __init__(self, on_parent_gone: Any) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.on_parent_gone = on_parent_gone
+
+    @WorkerStats.responder
+    def stats(self) -> dict[str, Any]:
+        assert self.resource is not None
+        counters = self.resource.counters
+        return {
+            "served": counters.served,
+            "in_flight": counters.in_flight,
+            "refused": counters.refused,
+            "upstream_errors": counters.upstream_errors,
+            "uptime": self.resource.clock.seconds() - counters.started,
+        }
+
+    @SetVerbose.responder
+    def set_verbose(self, on: bool) -> dict[str, Any]:
+        assert self.resource is not None
+        self.resource.request_log.verbose = on
+        return {}
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]
+        self.on_parent_gone()
+
+
+def _log_to_stderr() -> None:
+    """Plain lines on stderr; the parent adds the time and the worker's number."""
+
+    def format_event(event: Any) -> str | None:
+        text = eventAsText(event, includeTimestamp=False, includeSystem=False)
+        return text + "\n" if text else None
+
+    globalLogBeginner.beginLoggingTo(
+        [FileLogObserver(sys.stderr, format_event)], redirectStandardIO=False
+    )
+
+
+def serve(config: Config, colour: bool, reactor: Any) -> None:
+    from llmgw.service import build_site
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    state: dict[str, Any] = {"stopping": False}
+
+    def stop() -> None:
+        if not state["stopping"]:
+            state["stopping"] = True
+            reactor.stop()
+
+    parent = WorkerSide(lambda: reactor.callLater(0, stop))
+    keys = KeyRing(config.aikey_file, config.api_keys_file)
+    limiter: ILimiter | None = None
+    if config.rate_limit:
+        share = max(0, math.floor(config.rate_limit / config.workers))
+        fallback = SlidingWindowLimiter(max(share, 1), config.rate_window, reactor)
+        limiter = RemoteLimiter(parent, fallback, max(share, 1), reactor)
+    site: GatewaySite = build_site(config, reactor, limiter, keys, colour=colour)
+    parent.resource = site.resource
+    family = socket.AF_INET6 if ":" in config.bindip else socket.AF_INET
+    port = reactor.adoptStreamPort(LISTENING_FD, family, site)
+    # adoptStreamPort duplicates the descriptor; ours would keep the socket alive.
+    import os
+
+    os.close(LISTENING_FD)
+    signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(keys.reload))
+
+    async def drain() -> None:
+        await port.stopListening()
+        await site.drain(config.grace)
+
+    reactor.addSystemEventTrigger("before", "shutdown", lambda: Deferred.fromCoroutine(drain()))
+    StandardIO(parent, reactor=reactor)
+    reactor.run()
+
+
+def main(argv: list[str] | None = None) -> None:
+    arguments = sys.argv[1:] if argv is None else argv
+    config = config_from_json(arguments[0])
+    _log_to_stderr()
+    from twisted.internet import reactor
+
+    log.info("Worker {number} serving", number=arguments[1])
+    serve(config, arguments[2] == "colour", reactor)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,323 @@
+"""
+Tests for L{llmgw.logs}: when to colour, what the access line and the verbose
+view record, and that a request's C{Authorization} header never reaches them.
+
+Requests are real L{twisted.web.server.Request}s, parsed by a real channel
+from bytes written to a L{StringTransport}, and the access line comes from the
+Site's own log hook when the request finishes, as in the gateway.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import sys
+from typing import Any
+
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web import server
+from twisted.web.http import Request
+from twisted.web.resource import Resource
+from zope.interface import implementer
+
+from llmgw.logs import RequestLog, use_colour
+
+SECRET = "sk-live-DoNotLog-7f3a9c"
+ANSI = re.compile("\x1b\\[[0-9;]*m")
+
+
+@implementer(ILogObserver)
+class EventList(list[LogEvent]):
+    """An observer that keeps every event it sees."""
+
+    def __call__(self, event: LogEvent) -> None:
+        self.append(event)
+
+
+class FakeStream(io.StringIO):
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+class UseColourTests(SynchronousTestCase):
+    def test_terminal(self) -> None:
+        self.assertTrue(use_colour(FakeStream(True), {}))
+
+    def test_not_a_terminal(self) -> None:
+        self.assertFalse(use_colour(FakeStream(False), {}))
+
+    def test_string_io(self) -> None:
+        self.assertFalse(use_colour(io.StringIO(), {}))
+
+    def test_stream_without_isatty(self) -> None:
+        self.assertFalse(use_colour(object(), {}))  # type: ignore[arg-type]
+
+    def test_no_color_on_terminal(self) -> None:
+        self.assertFalse(use_colour(FakeStream(True), {"NO_COLOR": "1"}))
+
+    def test_no_color_any_value(self) -> None:
+        self.assertFalse(use_colour(FakeStream(True), {"NO_COLOR": "0"}))
+
+    def test_empty_no_color_is_unset(self) -> None:
+        """no-color.org: only a non-empty C{NO_COLOR} turns colour off."""
+        self.assertTrue(use_colour(FakeStream(True), {"NO_COLOR": ""}))
+
+    def test_other_variables_irrelevant(self) -> None:
+        environ = {"TERM": "xterm-256color", "COLORTERM": "truecolor"}
+        self.assertTrue(use_colour(FakeStream(True), environ))
+        self.assertFalse(use_colour(FakeStream(False), environ))
+
+    def test_defaults_are_stdout_and_environment(self) -> None:
+        self.patch(sys, "stdout", FakeStream(True))
+        self.patch(os, "environ", {"HOME": "/root"})
+        self.assertTrue(use_colour())
+        self.patch(os, "environ", {"NO_COLOR": "yes"})
+        self.assertFalse(use_colour())
+        self.patch(sys, "stdout", FakeStream(False))
+        self.patch(os, "environ", {})
+        self.assertFalse(use_colour())
+
+
+class Pending(Resource):
+    """Holds each request open, as the gateway does while the model answers."""
+
+    isLeaf = True
+
+    def __init__(self, clock: MemoryReactorClock, request_log: RequestLog) -> None:
+        super().__init__()
+        self.clock = clock
+        self.request_log = request_log
+        self.requests: list[tuple[Request, bytes]] = []
+
+    def render(self, request: Any) -> Any:
+        body = request.content.read()
+        request.started = self.clock.seconds()
+        self.request_log.request(request, body)
+        self.requests.append((request, body))
+        return server.NOT_DONE_YET
+
+
+class AccessSite(server.Site):
+    """A Site whose log hook is L{RequestLog.access}, like the gateway's."""
+
+    def __init__(self, resource: Resource, request_log: RequestLog, **kwargs: Any) -> None:
+        super().__init__(resource, **kwargs)
+        self.request_log = request_log
+
+    def log(self, request: Any) -> None:
+        self.request_log.access(request)
+
+
+def access_events(events: list[LogEvent]) -> list[LogEvent]:
+    return [event for event in events if event.get("log_namespace") == "llmgw.access"]
+
+
+class RequestLogTests(SynchronousTestCase):
+    peer: IPv4Address | IPv6Address = IPv4Address("TCP", "203.0.113.9", 50123)
+
+    def setUp(self) -> None:
+        self.events = EventList()
+        globalLogPublisher.addObserver(self.events)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events)
+        self.clock = MemoryReactorClock()
+        self.clock.advance(1000)
+
+    def serve(
+        self,
+        *,
+        verbose: bool,
+        colour: bool = False,
+        method: bytes = b"POST",
+        target: bytes = b"/v1/chat/completions?trace=1",
+        body: bytes = b'{"messages":[{"role":"user","content":"Hi"}]}',
+    ) -> tuple[RequestLog, Request, bytes]:
+        """Send one request through a real channel and hold it open."""
+        request_log = RequestLog(self.clock, verbose=verbose, colour=colour)
+        resource = Pending(self.clock, request_log)
+        site = AccessSite(resource, request_log, reactor=self.clock, timeout=None)
+        channel = site.buildProtocol(self.peer)
+        assert channel is not None
+        transport = StringTransport(peerAddress=self.peer)
+        channel.makeConnection(transport)
+        self.addCleanup(channel.connectionLost, None)
+        channel.dataReceived(
+            method + b" " + target + b" HTTP/1.1\r\n"
+            b"Host: gateway.example\r\n"
+            b"Authorization: Bearer " + SECRET.encode() + b"\r\n"
+            b"Proxy-Authorization: Basic " + SECRET.encode() + b"\r\n"
+            b"Content-Type: application/json\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n"
+            b"\r\n" + body
+        )
+        self.assertEqual(len(resource.requests), 1)
+        request, received = resource.requests[0]
+        self.assertEqual(received, body)
+        return request_log, request, received
+
+    def answer(self, request_log: RequestLog, request: Request, status: int, reply: bytes) -> None:
+        request_log.reply(request, status, reply)
+        request.setResponseCode(status)
+        request.write(reply)
+        request.finish()
+
+    def assertNoSecret(self) -> None:
+        self.assertTrue(self.events)
+        for event in self.events:
+            self.assertNotIn(SECRET, repr(event))
+            self.assertNotIn(SECRET, formatEvent(event))
+
+    def test_access_line(self) -> None:
+        request_log, request, _ = self.serve(verbose=False)
+        self.clock.advance(0.25)
+        self.answer(request_log, request, 200, b'{"id":"chatcmpl-1"}\n')
+        [event] = access_events(self.events)
+        self.assertEqual(
+            {key: event[key] for key in ("client", "method", "path", "status", "bytes", "ms")},
+            {
+                "client": "203.0.113.9",
+                "method": "POST",
+                "path": "/v1/chat/completions?trace=1",
+                "status": 200,
+                "bytes": 20,
+                "ms": 250.0,
+            },
+        )
+        self.assertEqual(
+            formatEvent(event), "203.0.113.9 POST /v1/chat/completions?trace=1 200 20 250.0ms"
+        )
+        self.assertNoSecret()
+
+    def test_access_line_error_status(self) -> None:
+        request_log, request, _ = self.serve(verbose=False, method=b"GET", target=b"/nowhere")
+        self.clock.advance(0.0015)
+        self.answer(request_log, request, 404, b"{}")
+        [event] = access_events(self.events)
+        self.assertEqual(formatEvent(event), "203.0.113.9 GET /nowhere 404 2 1.5ms")
+
+    def test_access_without_start_time(self) -> None:
+        request_log, request, _ = self.serve(verbose=False)
+        del request.started  # type: ignore[attr-defined]
+        self.clock.advance(5)
+        self.answer(request_log, request, 200, b"ok")
+        [event] = access_events(self.events)
+        self.assertEqual(event["ms"], 0.0)
+
+    def test_access_ipv6_client(self) -> None:
+        self.peer = IPv6Address("TCP", "2001:db8::7", 50123)
+        request_log, request, _ = self.serve(verbose=False)
+        self.answer(request_log, request, 200, b"ok")
+        [event] = access_events(self.events)
+        self.assertEqual(event["client"], "2001:db8::7")
+
+    def test_not_verbose_logs_no_request_or_reply(self) -> None:
+        request_log, request, _ = self.serve(verbose=False)
+        request_log.reply(request, 200, b'{"reply": true}')
+        self.assertEqual(access_events(self.events), [])
+        request.finish()
+        self.assertEqual(len(access_events(self.events)), 1)
+
+    def test_verbose_can_be_switched_on(self) -> None:
+        request_log, request, body = self.serve(verbose=False)
+        request_log.verbose = True
+        request_log.request(request, body)
+        request_log.reply(request, 200, b"{}")
+        self.assertEqual(len(access_events(self.events)), 2)
+
+    def test_verbose_can_be_switched_off(self) -> None:
+        request_log, request, body = self.serve(verbose=True)
+        self.assertEqual(len(access_events(self.events)), 1)
+        request_log.verbose = False
+        request_log.request(request, body)
+        request_log.reply(request, 200, b"{}")
+        self.assertEqual(len(access_events(self.events)), 1)
+
+    def test_verbose_request_and_reply_plain(self) -> None:
+        body = b'{"messages":[{"role":"user","content":"Gr\xc3\xbc\xc3\x9fe {x}"}]}'
+        request_log, request, _ = self.serve(verbose=True, body=body)
+        self.answer(request_log, request, 200, b'  {"choices": []}\n')
+        logged, replied, access = access_events(self.events)
+        self.assertEqual(
+            {key: logged[key] for key in ("client", "method", "path", "body")},
+            {
+                "client": "203.0.113.9",
+                "method": "POST",
+                "path": "/v1/chat/completions",
+                "body": body.decode(),
+            },
+        )
+        self.assertEqual(
+            formatEvent(logged),
+            "203.0.113.9 POST /v1/chat/completions " + body.decode(),
+        )
+        self.assertEqual(
+            (replied["client"], replied["status"], replied["body"]),
+            ("203.0.113.9", 200, '{"choices": []}'),
+        )
+        self.assertEqual(formatEvent(replied), '203.0.113.9 200 {"choices": []}')
+        self.assertEqual(access["status"], 200)
+        for event in (logged, replied, access):
+            self.assertNotIn("\x1b", formatEvent(event))
+        self.assertNoSecret()
+
+    def test_verbose_error_plain(self) -> None:
+        request_log, request, _ = self.serve(verbose=True)
+        error = b'{"error": {"message": "Temperature must be between 0.1 and 1.0"}}'
+        self.answer(request_log, request, 400, error)
+        _, replied, _ = access_events(self.events)
+        self.assertEqual(formatEvent(replied), "203.0.113.9 400 " + error.decode())
+
+    def test_verbose_undecodable_body(self) -> None:
+        self.serve(verbose=True, body=b"\xff\xfe{")
+        [logged] = access_events(self.events)
+        self.assertEqual(logged["body"], "\ufffd\ufffd{")
+
+    def test_colour(self) -> None:
+        request_log, request, body = self.serve(verbose=True, colour=True)
+        request_log.reply(request, 200, b'{"ok": 1}')
+        request_log.reply(request, 502, b'{"error": {}}')
+        logged, ok, bad = access_events(self.events)
+        for event in (logged, ok, bad):
+            self.assertRegex(formatEvent(event), ANSI)
+        self.assertEqual(
+            ANSI.sub("", formatEvent(logged)),
+            "203.0.113.9 POST /v1/chat/completions " + body.decode(),
+        )
+        self.assertEqual(ANSI.sub("", formatEvent(ok)), '203.0.113.9 200 {"ok": 1}')
+        self.assertEqual(ANSI.sub("", formatEvent(bad)), '203.0.113.9 502 {"error": {}}')
+        self.assertNotEqual(ok["colour"], bad["colour"])
+        self.assertRegex(ok["colour"], "^\x1b\\[[0-9;]+m$")
+        self.assertRegex(bad["colour"], "^\x1b\\[[0-9;]+m$")
+        self.assertNoSecret()
+
+    def test_no_colour_without_ansi(self) -> None:
+        request_log, request, _ = self.serve(verbose=True, colour=False)
+        request_log.reply(request, 200, b"{}")
+        request_log.reply(request, 500, b"{}")
+        events = access_events(self.events)
+        self.assertEqual(len(events), 3)
+        for event in events:
+            self.assertNotIn("\x1b", formatEvent(event))
+            self.assertNotIn("\x1b", repr(event))
+
+    def test_access_line_has_no_colour(self) -> None:
+        request_log, request, _ = self.serve(verbose=False, colour=True)
+        self.answer(request_log, request, 200, b"{}")
+        [event] = access_events(self.events)
+        self.assertNotIn("\x1b", formatEvent(event))
+
+    def test_authorization_never_logged(self) -> None:
+        for verbose in (False, True):
+            for colour in (False, True):
+                request_log, request, _ = self.serve(verbose=verbose, colour=colour)
+                self.assertEqual(request.getHeader(b"Authorization"), b"Bearer " + SECRET.encode())
+                self.answer(request_log, request, 401, b'{"error": {}}')
+        self.assertEqual(len(access_events(self.events)), 1 + 1 + 3 + 3)
+        self.assertNoSecret()

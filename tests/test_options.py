@@ -1,0 +1,441 @@
+"""
+Tests for L{llmgw.options}: every flag's default, every flag parsed into the
+L{Config}, and a usage error (never a traceback) for each kind of bad value.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from llmgw.devtls import make_ca
+from llmgw.options import Config, Options
+
+MIB = 1024 * 1024
+
+
+def parse(*argv: str) -> Config:
+    options = Options()
+    options.parseOptions(list(argv))
+    config = options.config
+    assert isinstance(config, Config)
+    return config
+
+
+class DefaultsTests(SynchronousTestCase):
+    """With no flags, every value is the documented default."""
+
+    def test_every_default(self) -> None:
+        self.patch(os, "cpu_count", lambda: 6)
+        self.assertEqual(
+            parse(),
+            Config(
+                bindip="127.0.0.1",
+                bindport=42069,
+                aihost="10.0.0.1",
+                aihostport=443,
+                aischeme="https",
+                aica=None,
+                timeout=600.0,
+                connect_timeout=10.0,
+                stream_idle_timeout=120.0,
+                read_timeout=30.0,
+                max_body=4 * MIB,
+                default_model="TheBloke/Mistral-7B-Instruct-v0.2-AWQ",
+                workers=6,
+                grace=30.0,
+                verbose=False,
+                rate_limit=1000,
+                rate_window=900,
+                rate_key="ip",
+                ipv6_prefix=56,
+                trusted_proxies=(),
+                allowed_fields=frozenset(),
+                aikey_file=None,
+                api_keys_file=None,
+            ),
+        )
+
+    def test_values_one_by_one(self) -> None:
+        """The same defaults, named, so a failure says which one moved."""
+        self.patch(os, "cpu_count", lambda: 3)
+        config = parse()
+        expected: dict[str, object] = {
+            "bindip": "127.0.0.1",
+            "bindport": 42069,
+            "aihost": "10.0.0.1",
+            "aihostport": 443,
+            "aischeme": "https",
+            "aica": None,
+            "timeout": 600,
+            "max_body": 4194304,
+            "default_model": "TheBloke/Mistral-7B-Instruct-v0.2-AWQ",
+            "workers": 3,
+            "rate_limit": 1000,
+            "rate_window": 900,
+            "ipv6_prefix": 56,
+            "read_timeout": 30,
+            "connect_timeout": 10,
+            "stream_idle_timeout": 120,
+            "grace": 30,
+            "rate_key": "ip",
+            "verbose": False,
+        }
+        for name, value in expected.items():
+            self.assertEqual(getattr(config, name), value, name)
+
+    def test_workers_default_is_cpu_count(self) -> None:
+        self.patch(os, "cpu_count", lambda: 13)
+        self.assertEqual(parse().workers, 13)
+
+    def test_workers_default_when_cpu_count_unknown(self) -> None:
+        self.patch(os, "cpu_count", lambda: None)
+        self.assertEqual(parse().workers, 1)
+
+    def test_workers_given_ignores_cpu_count(self) -> None:
+        self.patch(os, "cpu_count", lambda: 13)
+        self.assertEqual(parse("--workers", "1").workers, 1)
+
+    def test_help_shows_defaults(self) -> None:
+        text = str(Options())
+        for default in ("42069", "10.0.0.1", "TheBloke/Mistral-7B-Instruct-v0.2-AWQ", "4194304"):
+            self.assertIn(default, text)
+
+
+class FlagTests(SynchronousTestCase):
+    """Each flag lands in the L{Config}, converted to its type."""
+
+    def write(self, content: bytes) -> str:
+        path = Path(self.mktemp())
+        path.write_bytes(content)
+        return str(path)
+
+    def ca_file(self) -> str:
+        return self.write(make_ca().cert_pem)
+
+    def test_every_flag(self) -> None:
+        ca = self.ca_file()
+        aikey = self.write(b"sk-upstream\n")
+        clients = self.write(b"# clients\nsk-client\n")
+        config = parse(
+            "--bindip",
+            "0.0.0.0",
+            "--bindport",
+            "8080",
+            "--aihost",
+            "models.internal",
+            "--aihostport",
+            "8443",
+            "--aischeme",
+            "http",
+            "--aica",
+            ca,
+            "--timeout",
+            "12.5",
+            "--connect-timeout",
+            "2",
+            "--stream-idle-timeout",
+            "7.25",
+            "--read-timeout",
+            "4",
+            "--max-body",
+            "1024",
+            "--default-model",
+            "org/model",
+            "--workers",
+            "5",
+            "--grace",
+            "1.5",
+            "--verbose",
+            "--rate-limit",
+            "10",
+            "--rate-window",
+            "60",
+            "--rate-key",
+            "key",
+            "--ipv6-prefix",
+            "64",
+            "--trusted-proxy",
+            "10.0.0.0/8",
+            "--allow-field",
+            "chat_template",
+            "--aikey-file",
+            aikey,
+            "--api-keys-file",
+            clients,
+        )
+        self.assertEqual(
+            config,
+            Config(
+                bindip="0.0.0.0",
+                bindport=8080,
+                aihost="models.internal",
+                aihostport=8443,
+                aischeme="http",
+                aica=ca,
+                timeout=12.5,
+                connect_timeout=2.0,
+                stream_idle_timeout=7.25,
+                read_timeout=4.0,
+                max_body=1024,
+                default_model="org/model",
+                workers=5,
+                grace=1.5,
+                verbose=True,
+                rate_limit=10,
+                rate_window=60,
+                rate_key="key",
+                ipv6_prefix=64,
+                trusted_proxies=(ipaddress.ip_network("10.0.0.0/8"),),
+                allowed_fields=frozenset({"chat_template"}),
+                aikey_file=aikey,
+                api_keys_file=clients,
+            ),
+        )
+
+    def test_types(self) -> None:
+        config = parse("--bindport", "8080", "--timeout", "3", "--max-body", "10")
+        self.assertIs(type(config.bindport), int)
+        self.assertIs(type(config.timeout), float)
+        self.assertIs(type(config.max_body), int)
+        self.assertIs(type(config.rate_limit), int)
+
+    def test_short_verbose(self) -> None:
+        self.assertTrue(parse("-v").verbose)
+
+    def test_port_bounds_accepted(self) -> None:
+        self.assertEqual(parse("--bindport", "1").bindport, 1)
+        self.assertEqual(parse("--aihostport", "65535").aihostport, 65535)
+
+    def test_scheme_case_folded(self) -> None:
+        self.assertEqual(parse("--aischeme", "HTTP").aischeme, "http")
+        self.assertEqual(parse("--aischeme", "Https").aischeme, "https")
+
+    def test_rate_limit_zero_turns_limiting_off(self) -> None:
+        self.assertEqual(parse("--rate-limit", "0").rate_limit, 0)
+
+    def test_ipv6_prefix_bounds_accepted(self) -> None:
+        self.assertEqual(parse("--ipv6-prefix", "0").ipv6_prefix, 0)
+        self.assertEqual(parse("--ipv6-prefix", "128").ipv6_prefix, 128)
+
+    def test_ipv6_bindip(self) -> None:
+        self.assertEqual(parse("--bindip", "::1").bindip, "::1")
+
+    def test_trusted_proxy_repeatable(self) -> None:
+        config = parse(
+            "--trusted-proxy",
+            "10.0.0.0/8",
+            "--trusted-proxy",
+            "192.0.2.7",
+            "--trusted-proxy",
+            "2001:db8::/32",
+        )
+        self.assertEqual(
+            config.trusted_proxies,
+            (
+                ipaddress.IPv4Network("10.0.0.0/8"),
+                ipaddress.IPv4Network("192.0.2.7/32"),
+                ipaddress.IPv6Network("2001:db8::/32"),
+            ),
+        )
+
+    def test_trusted_proxy_host_bits_masked(self) -> None:
+        self.assertEqual(
+            parse("--trusted-proxy", "10.1.2.3/8").trusted_proxies,
+            (ipaddress.IPv4Network("10.0.0.0/8"),),
+        )
+
+    def test_allow_field_repeatable(self) -> None:
+        config = parse(
+            "--allow-field",
+            "chat_template",
+            "--allow-field",
+            "logits_processors",
+            "--allow-field",
+            "chat_template",
+        )
+        self.assertEqual(config.allowed_fields, frozenset({"chat_template", "logits_processors"}))
+
+    def test_repeatable_lists_not_shared(self) -> None:
+        """A second L{Options} starts empty, not with the first one's values."""
+        parse("--trusted-proxy", "10.0.0.0/8", "--allow-field", "chat_template")
+        config = parse()
+        self.assertEqual((config.trusted_proxies, config.allowed_fields), ((), frozenset()))
+
+    def test_rate_key_key_with_keys_file(self) -> None:
+        clients = self.write(b"sk-client\n")
+        self.assertEqual(
+            parse("--rate-key", "key", "--api-keys-file", clients).rate_key,
+            "key",
+        )
+
+    def test_ca_bundle_with_two_certificates(self) -> None:
+        bundle = self.write(make_ca().cert_pem + make_ca().cert_pem)
+        self.assertEqual(parse("--aica", bundle).aica, bundle)
+
+
+class UsageErrorTests(SynchronousTestCase):
+    """
+    Each bad value is a L{usage.UsageError} (one test per row, added below);
+    twistd turns that into a message and a non-zero exit.
+    """
+
+    def write(self, content: bytes) -> str:
+        path = Path(self.mktemp())
+        path.write_bytes(content)
+        return str(path)
+
+    def check_refused(self, argv: list[str]) -> None:
+        options = Options()
+        self.assertRaises(usage.UsageError, options.parseOptions, argv)
+
+    def test_missing_ca_file(self) -> None:
+        self.check_refused(["--aica", self.mktemp()])
+
+    def test_ca_not_pem(self) -> None:
+        self.check_refused(["--aica", self.write(b"this is not a certificate\n")])
+
+    def test_ca_der(self) -> None:
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        self.check_refused(["--aica", self.write(make_ca().cert.public_bytes(Encoding.DER))])
+
+    def test_ca_empty(self) -> None:
+        self.check_refused(["--aica", self.write(b"")])
+
+    def test_ca_pem_garbage(self) -> None:
+        self.check_refused(
+            [
+                "--aica",
+                self.write(
+                    b"-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n"
+                ),
+            ]
+        )
+
+    def test_ca_private_key_only(self) -> None:
+        self.check_refused(
+            [
+                "--aica",
+                self.write(b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"),
+            ]
+        )
+
+    def test_missing_aikey_file(self) -> None:
+        self.check_refused(["--aikey-file", self.mktemp()])
+
+    def test_missing_api_keys_file(self) -> None:
+        self.check_refused(["--api-keys-file", self.mktemp()])
+
+    def test_rate_key_key_needs_keys_file(self) -> None:
+        self.check_refused(["--rate-key", "key"])
+
+
+BAD_ARGUMENTS: dict[str, list[str]] = {
+    "bindport_0": ["--bindport", "0"],
+    "bindport_65536": ["--bindport", "65536"],
+    "bindport_negative": ["--bindport", "-1"],
+    "bindport_word": ["--bindport", "abc"],
+    "bindport_fraction": ["--bindport", "80.5"],
+    "bindport_empty": ["--bindport", ""],
+    "aihostport_0": ["--aihostport", "0"],
+    "aihostport_65536": ["--aihostport", "65536"],
+    "aihostport_word": ["--aihostport", "https"],
+    "scheme_ftp": ["--aischeme", "ftp"],
+    "scheme_empty": ["--aischeme", ""],
+    "scheme_with_colon": ["--aischeme", "https:"],
+    "bindip_hostname": ["--bindip", "localhost"],
+    "bindip_word": ["--bindip", "nope"],
+    "bindip_empty": ["--bindip", ""],
+    "bindip_out_of_range": ["--bindip", "256.0.0.1"],
+    "bindip_cidr": ["--bindip", "10.0.0.0/8"],
+    "trusted_proxy_word": ["--trusted-proxy", "proxy.example"],
+    "trusted_proxy_prefix_33": ["--trusted-proxy", "10.0.0.0/33"],
+    "trusted_proxy_bad_octet": ["--trusted-proxy", "300.1.1.1"],
+    "trusted_proxy_ipv6_prefix_129": ["--trusted-proxy", "2001:db8::/129"],
+    "trusted_proxy_empty": ["--trusted-proxy", ""],
+    "ipv6_prefix_129": ["--ipv6-prefix", "129"],
+    "ipv6_prefix_negative": ["--ipv6-prefix", "-1"],
+    "ipv6_prefix_word": ["--ipv6-prefix", "abc"],
+    "rate_key_unknown": ["--rate-key", "user"],
+    "rate_limit_negative": ["--rate-limit", "-1"],
+    "rate_limit_word": ["--rate-limit", "many"],
+    "rate_window_zero": ["--rate-window", "0"],
+    "rate_window_negative": ["--rate-window", "-900"],
+    "rate_window_fraction": ["--rate-window", "0.5"],
+    "max_body_zero": ["--max-body", "0"],
+    "max_body_negative": ["--max-body", "-1"],
+    "max_body_fraction": ["--max-body", "1.5"],
+    "max_body_word": ["--max-body", "4MiB"],
+    "workers_zero": ["--workers", "0"],
+    "workers_negative": ["--workers", "-2"],
+    "workers_word": ["--workers", "auto"],
+    "unknown_flag": ["--no-such-flag"],
+    "stray_argument": ["serve"],
+}
+for _flag in ("timeout", "connect-timeout", "stream-idle-timeout", "read-timeout", "grace"):
+    for _label, _value in (
+        ("negative", "-1"),
+        ("zero", "0"),
+        ("minus_zero", "-0.0"),
+        ("nan", "nan"),
+        ("inf", "inf"),
+        ("minus_inf", "-inf"),
+        ("word", "soon"),
+        ("empty", ""),
+    ):
+        BAD_ARGUMENTS[f"{_flag.replace('-', '_')}_{_label}"] = [f"--{_flag}", _value]
+
+
+def _add_bad_argument_tests() -> None:
+    def refused(argv: list[str]) -> Callable[[UsageErrorTests], None]:
+        return lambda self: self.check_refused(argv)
+
+    for name, argv in BAD_ARGUMENTS.items():
+        setattr(UsageErrorTests, f"test_{name}", refused(argv))
+
+
+_add_bad_argument_tests()
+
+
+class UpstreamBaseTests(SynchronousTestCase):
+    """L{Config.upstream_base} is the origin requests are sent to."""
+
+    def test_default(self) -> None:
+        self.assertEqual(Config().upstream_base, b"https://10.0.0.1:443")
+
+    def test_ipv4(self) -> None:
+        config = Config(aihost="192.0.2.10", aihostport=8000, aischeme="http")
+        self.assertEqual(config.upstream_base, b"http://192.0.2.10:8000")
+
+    def test_hostname(self) -> None:
+        config = Config(aihost="models.example.internal", aihostport=8443)
+        self.assertEqual(config.upstream_base, b"https://models.example.internal:8443")
+
+    def test_ipv6_bracketed(self) -> None:
+        self.assertEqual(Config(aihost="::1").upstream_base, b"https://[::1]:443")
+        config = Config(aihost="2001:db8::5", aihostport=8000, aischeme="http")
+        self.assertEqual(config.upstream_base, b"http://[2001:db8::5]:8000")
+
+    def test_from_options(self) -> None:
+        config = parse("--aihost", "fd00::1", "--aihostport", "9000", "--aischeme", "HTTP")
+        self.assertEqual(config.upstream_base, b"http://[fd00::1]:9000")
+
+
+class CaDirectoryTests(SynchronousTestCase):
+    def test_ca_directory(self) -> None:
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        self.assertRaises(usage.UsageError, Options().parseOptions, ["--aica", str(directory)])
+
+
+class EmptyKeyFileTests(SynchronousTestCase):
+    def test_empty_aikey_file(self) -> None:
+        path = Path(self.mktemp())
+        path.write_bytes(b"# no key here\n\n")
+        self.assertRaises(usage.UsageError, Options().parseOptions, ["--aikey-file", str(path)])
