@@ -22,7 +22,10 @@ __all__ = ["ClientAddressPolicy"]
 Address = IPv4Address | IPv6Address
 Network = IPv4Network | IPv6Network
 
+# An IPv6 address ending in dotted IPv4, with a zone named as long as an interface can be.
+_LONGEST_ADDRESS = len("ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255%") + 15
 _QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
+_SPECIAL = re.compile(r'[\\",;]')
 
 
 def _valid_prefix(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
@@ -105,6 +108,7 @@ def _parse_address(text: str) -> Address | None:
     return address
 
 
+@lru_cache(maxsize=4096)
 def _address_key(address: Address, ipv6_prefix: int) -> str:
     if isinstance(address, IPv4Address):
         return str(address)
@@ -112,7 +116,6 @@ def _address_key(address: Address, ipv6_prefix: int) -> str:
     return f"{IPv6Address(int(address) >> host_bits << host_bits)}/{ipv6_prefix}"
 
 
-@lru_cache(maxsize=4096)
 def _host_key(host: str, ipv6_prefix: int) -> str:
     address = _parse_address(host)
     return host if address is None else _address_key(address, ipv6_prefix)
@@ -132,6 +135,8 @@ def _parse_node(node: str) -> Address | None:
         host = node.partition(":")[0]
     else:
         host = node
+    if len(host) > _LONGEST_ADDRESS:
+        return None  # Not worth a parse, nor a place in its cache.
     return _parse_address(host)
 
 
@@ -164,20 +169,24 @@ def _forwarded_for_nodes(lines: Sequence[bytes]) -> list[str]:
 def _split_unquoted(text: str, separator: str) -> list[str]:
     """
     Split at C{separator}s outside quoted-strings, where commas and semicolons
-    are data.  A quote left open is taken literally instead: otherwise a client
-    could end its value inside a quote and swallow what a proxy appends to it.
+    are data.  If a quote is left open, the rest is split as if it held none:
+    otherwise a client could end its value inside a quote and so swallow what
+    a proxy appends to it.
     """
     if '"' not in text:
         return text.split(separator)
     parts = []
     start = 0
-    quoted = escaped = False
-    for index, char in enumerate(text):
-        if escaped:
-            escaped = False
-        elif quoted:
+    quoted = False
+    escaped = -1
+    for match in _SPECIAL.finditer(text):
+        index = match.start()
+        if index == escaped:
+            continue
+        char = match.group()
+        if quoted:
             if char == "\\":
-                escaped = True
+                escaped = index + 1
             elif char == '"':
                 quoted = False
         elif char == '"':

@@ -3,8 +3,8 @@ Admission control: an exact per-client sliding window.
 
 Sub-window buckets are cheaper but either over-admit at bucket edges or refuse
 clients that stayed under the limit, so each client keeps the times of its
-admitted requests that still count.  That log never holds more than ``limit``
-entries, because no more than ``limit`` admissions can ever count at once.
+admitted requests that still count.  That log never holds more than C{limit}
+entries, because no more than C{limit} admissions can ever count at once.
 """
 
 from __future__ import annotations
@@ -97,45 +97,43 @@ class SlidingWindowLimiter:
     def decide(self, key: str) -> Decision:
         """The synchronous core, for L{admit} and for a cross-process authority."""
         now = self._clock.seconds()
-        limit = self._limit
         window = self._window
         admitted = self._admitted
         times = admitted.get(key)
-
-        if times is None or not isinstance(times, array):
-            if times is not None and now - times < window:
-                if limit == 1:
-                    return self._refuse(now, times)
-                admitted[key] = array("d", (times, max(now, times)))
-                admitted.move_to_end(key)
-                self._forget_idle(now, _FORGET_PER_ADMISSION)
-                return self._allow(now, times, 2)
-            admitted[key] = now
-            admitted.move_to_end(key)
-            self._forget_idle(now, _FORGET_PER_ADMISSION)
-            return self._allow(now, now, 1)
-
-        first = 0
-        if now - times[0] >= window:
-            first = self._first_counted(times, now)
-        counted = len(times) - first
-        if counted >= limit:
-            return self._refuse(now, times[first + counted - limit])
-        if counted == 0:
-            admitted[key] = now
-            oldest = now
-        else:
-            if first:
+        if isinstance(times, array):
+            first = 0 if now - times[0] < window else self._first_counted(times, now)
+            counted = len(times) - first
+            if counted >= self._limit:
+                return self._refuse(now, times[first])
+            if counted:
                 del times[:first]
-            times.append(max(now, times[-1]))
-            oldest = times[0]
+                times.append(max(now, times[-1]))
+                oldest = times[0]
+            else:
+                admitted[key] = oldest = now
+        elif times is not None and now - times < window:
+            if self._limit == 1:
+                return self._refuse(now, times)
+            admitted[key] = array("d", (times, max(now, times)))
+            counted, oldest = 1, times
+        else:
+            admitted[key] = oldest = now
+            counted = 0
         admitted.move_to_end(key)
         self._forget_idle(now, _FORGET_PER_ADMISSION)
         return self._allow(now, oldest, counted + 1)
 
     def sweep(self) -> int:
-        """Forget every client whose admissions have all expired; return how many."""
-        return self._forget_idle(self._clock.seconds(), len(self._admitted))
+        """
+        Forget every client whose admissions have all expired; return how many.
+
+        A dict never shrinks its table as entries leave it, so after a flood
+        has passed the table is rebuilt at the size of the clients left.
+        """
+        forgotten = self._forget_idle(self._clock.seconds(), len(self._admitted))
+        if forgotten > len(self._admitted):
+            self._admitted = OrderedDict(self._admitted)
+        return forgotten
 
     def _forget_idle(self, now: float, most: int) -> int:
         admitted = self._admitted
@@ -153,11 +151,19 @@ class SlidingWindowLimiter:
 
     def _first_counted(self, times: array[float], now: float) -> int:
         """
-        Binary search with the exact float predicate used everywhere else, rather
-        than C{bisect(times, now - window)}, whose rounding can disagree with it.
+        The index of the oldest admission that still counts, given that the
+        first one does not.  It gallops from the front, because usually only
+        the few admissions made since the client's last request have expired,
+        and compares with the exact predicate used everywhere else rather than
+        bisecting for C{now - window}, whose rounding can disagree with it.
         """
         window = self._window
-        low, high = 0, len(times)
+        size = len(times)
+        low = probe = 1
+        while probe < size and now - times[probe] >= window:
+            low = probe + 1
+            probe *= 2
+        high = min(probe, size)
         while low < high:
             middle = (low + high) // 2
             if now - times[middle] >= window:
@@ -231,11 +237,10 @@ def rate_limit_headers(decision: Decision) -> list[tuple[bytes, bytes]]:
     The IETF draft's structured RateLimit fields, then OpenAI's
     C{x-ratelimit-*-requests} headers that existing SDKs and dashboards read.
     """
-    remaining = b"%d" % (decision.remaining,)
     return [
         (b"RateLimit-Policy", _policy_value(decision.limit, decision.window)),
         (b"RateLimit", b'"default";r=%d;t=%d' % (decision.remaining, decision.reset)),
         (b"x-ratelimit-limit-requests", b"%d" % (decision.limit,)),
-        (b"x-ratelimit-remaining-requests", remaining),
+        (b"x-ratelimit-remaining-requests", b"%d" % (decision.remaining,)),
         (b"x-ratelimit-reset-requests", _reset_duration(decision.reset)),
     ]

@@ -1,0 +1,276 @@
+"""Tests for L{llmgw.upstream}: streams relayed as they come, cancellation, deadlines."""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Any
+
+from twisted.internet import task
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.http_headers import Headers
+
+from llmgw.mock import Behaviour
+from llmgw.upstream import load_trust_root
+from tests.loopback import (
+    CHAT,
+    JSON_HEADERS,
+    chat_body,
+    client,
+    eventually,
+    gateway_config,
+    inline,
+    reactor,
+    request,
+    start_gateway,
+    start_upstream,
+)
+
+
+class Events(Protocol):
+    """Collects a streamed body, event by event, as the gateway sends it."""
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.events: list[bytes] = []
+        self.done: Deferred[None] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        *events, self.buffer = self.buffer.split(b"\n\n")
+        self.events.extend(events)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.done.callback(None)
+
+    def payloads(self) -> list[Any]:
+        return [
+            event[len(b"data: ") :].decode()
+            if event == b"data: [DONE]"
+            else json.loads(event[len(b"data: ") :])
+            for event in self.events
+        ]
+
+
+async def open_stream(test: TestCase, port: int, body: bytes) -> tuple[Any, Events]:
+    http = client(test)
+    response = await http.request(
+        "POST",
+        f"http://127.0.0.1:{port}".encode() + CHAT,
+        data=body,
+        headers=Headers(JSON_HEADERS),  # type: ignore[arg-type]
+        unbuffered=True,
+    )
+    events = Events()
+    response.deliverBody(events)
+    return response, events
+
+
+def raw_request(test: TestCase, port: int, body: bytes, rcvbuf: int | None = None) -> socket.socket:
+    """A chat request sent over a plain socket the test can stop reading or close."""
+    sock = socket.socket()
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.connect(("127.0.0.1", port))
+    test.addCleanup(sock.close)
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    sock.setblocking(False)
+    return sock
+
+
+class StreamTests(TestCase):
+    @inline
+    async def test_chunks_arrive_as_produced(self) -> None:
+        """20 chunks 100 ms apart: the first is in the client's hands before the last exists."""
+        clock = Clock()
+        upstream = start_upstream(self, clock=clock, defaults=Behaviour(chunks=20, interval=0.1))
+        gateway = start_gateway(self, gateway_config(upstream))
+        body = chat_body("one two three four five six seven eight nine ten", stream=True)
+        response, events = await open_stream(self, gateway.port, body)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"text/event-stream"])
+        self.assertEqual(response.headers.getRawHeaders(b"x-accel-buffering"), [b"no"])
+        self.assertEqual(response.headers.getRawHeaders(b"x-frame-options"), [b"DENY"])
+        await eventually(lambda: len(events.events) == 1)
+        clock.advance(0.1)
+        await eventually(lambda: len(events.events) == 2)
+        self.assertEqual(upstream.model.completed, 0, "the stream was collected before relaying")
+        for _ in range(19):
+            clock.advance(0.1)
+        await events.done
+        payloads = events.payloads()
+        self.assertEqual(payloads[0]["choices"][0]["delta"]["role"], "assistant")
+        self.assertEqual(payloads[-1], "[DONE]")
+        text = "".join(p["choices"][0]["delta"].get("content", "") for p in payloads[1:-1])
+        self.assertEqual(text, "one two three four five six seven eight nine ten")
+
+    @inline
+    async def test_stream_options_pass_through(self) -> None:
+        upstream = start_upstream(self, defaults=Behaviour(interval=0))
+        gateway = start_gateway(self, gateway_config(upstream))
+        body = chat_body("hi", stream=True, stream_options={"include_usage": True})
+        _, events = await open_stream(self, gateway.port, body)
+        await events.done
+        usage = events.payloads()[-2]
+        self.assertEqual(usage["choices"], [])
+        self.assertIn("total_tokens", usage["usage"])
+
+    @inline
+    async def test_validation_error_before_stream_is_json(self) -> None:
+        upstream = start_upstream(self)
+        gateway = start_gateway(self, gateway_config(upstream))
+        reply = await request(self, gateway.port, body=chat_body(stream=True, temperature=3))
+        self.assertEqual(reply.status, 400)
+        self.assertEqual(reply.header(b"Content-Type"), b"application/json")
+
+    @inline
+    async def test_upstream_breaks_mid_stream(self) -> None:
+        """A reset mid-stream becomes a final error event, then a clean close."""
+        upstream = start_upstream(self, defaults=Behaviour(fault="reset", chunks=4, interval=0))
+        gateway = start_gateway(self, gateway_config(upstream))
+        response, events = await open_stream(self, gateway.port, chat_body(stream=True))
+        await events.done
+        self.assertEqual(response.code, 200)
+        last = events.payloads()[-1]
+        self.assertEqual(last["error"]["type"], "api_error")
+        self.assertEqual(last["error"]["code"], "upstream_bad_response")
+
+    @inline
+    async def test_stream_idle_timeout(self) -> None:
+        clock = Clock()
+        upstream = start_upstream(self, defaults=Behaviour(chunks=3, interval=50))
+        gateway = start_gateway(self, gateway_config(upstream, stream_idle_timeout=10), clock=clock)
+        _, events = await open_stream(self, gateway.port, chat_body(stream=True))
+        await eventually(lambda: len(events.events) == 1)
+        clock.advance(9.9)
+        self.assertFalse(events.done.called)
+        clock.advance(0.2)
+        await events.done
+        error = events.payloads()[-1]["error"]
+        self.assertEqual((error["type"], error["code"]), ("api_error", "upstream_timeout"))
+        self.assertIn("10 seconds", error["message"])
+        await eventually(lambda: upstream.model.cancelled == 1)
+
+
+class CancellationTests(TestCase):
+    """A client that goes away stops the generation on the model server."""
+
+    @inline
+    async def test_disconnect_mid_stream(self) -> None:
+        upstream = start_upstream(self, defaults=Behaviour(chunks=50, interval=0.2))
+        gateway = start_gateway(self, gateway_config(upstream))
+        sock = raw_request(self, gateway.port, chat_body(stream=True))
+        received = bytearray()
+
+        def first_event() -> bool:
+            try:
+                received.extend(sock.recv(65536))
+            except BlockingIOError:
+                pass
+            return b"data: " in received
+
+        await eventually(first_event)
+        self.assertIn(b"200 OK", bytes(received))
+        sock.close()
+        await eventually(lambda: upstream.model.cancelled == 1, timeout=1.0)
+        self.assertEqual(upstream.model.completed, 0)
+
+    @inline
+    async def test_disconnect_while_waiting(self) -> None:
+        upstream = start_upstream(self, defaults=Behaviour(delay=30))
+        gateway = start_gateway(self, gateway_config(upstream))
+        sock = raw_request(self, gateway.port, chat_body())
+        await eventually(lambda: upstream.model.started == 1)
+        sock.close()
+        await eventually(lambda: upstream.model.cancelled == 1, timeout=1.0)
+
+    @inline
+    async def test_disconnect_before_upstream_headers_of_stream(self) -> None:
+        upstream = start_upstream(self, defaults=Behaviour(delay=30))
+        gateway = start_gateway(self, gateway_config(upstream))
+        sock = raw_request(self, gateway.port, chat_body(stream=True))
+        await eventually(lambda: upstream.model.started == 1)
+        sock.close()
+        await eventually(lambda: upstream.model.cancelled == 1, timeout=1.0)
+
+
+class BackpressureTests(TestCase):
+    @inline
+    async def test_slow_reader_pauses_upstream(self) -> None:
+        """A client that stops reading stops the gateway reading: its buffers stay small."""
+        text = "x" * (3 * 1024 * 1024)
+        upstream = start_upstream(self, defaults=Behaviour(chunks=1024, interval=0.0005))
+        gateway = start_gateway(self, gateway_config(upstream, max_body=8 * 1024 * 1024))
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", gateway.port))
+        sock.setblocking(False)
+        self.addCleanup(sock.close)
+        body = chat_body(text, stream=True)
+        await send_all(
+            sock,
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body),
+        )
+        await eventually(lambda: upstream.model.started == 1)
+        (channel,) = gateway.site.channels
+        transport: Any = channel.transport
+        # The stand-in writes 3 MiB in half a second; the client reads nothing.
+        await eventually(lambda: transport.producerPaused, timeout=10)
+        await task.deferLater(reactor, 1.0, lambda: None)
+        buffered = sum(map(len, transport.dataBuffer)) + transport._tempDataLen
+        self.assertLess(buffered, 512 * 1024, "the gateway kept buffering for a slow client")
+
+
+async def send_all(sock: socket.socket, data: bytes) -> None:
+    """Send without blocking the reactor that serves the other end."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view) :]
+        except BlockingIOError:
+            await task.deferLater(reactor, 0.001, lambda: None)
+
+
+class ConnectTimeoutTests(TestCase):
+    @inline
+    async def test_connect_timeout_is_504(self) -> None:
+        """A model server that never completes the handshake gives a 504 in time."""
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        self.addCleanup(listener.close)
+        port = listener.getsockname()[1]
+        fillers = []
+        for _ in range(4):  # fill the accept queue, so further SYNs go unanswered
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+            fillers.append(s)
+        self.addCleanup(lambda: [s.close() for s in fillers])
+        gateway = start_gateway(
+            self, gateway_config(aihostport=port, aischeme="http", connect_timeout=0.5)
+        )
+        reply = await request(self, gateway.port, body=chat_body())
+        self.assertEqual(reply.status, 504, reply.body)
+        self.assertEqual(reply.json()["error"]["code"], "upstream_timeout")
+
+
+class TrustRootTests(SynchronousTestCase):
+    def test_empty_bundle(self) -> None:
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(b"not a certificate\n")
+        self.assertRaises(ValueError, load_trust_root, path)
+
+    def test_broken_certificate(self) -> None:
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+        self.assertRaises(ValueError, load_trust_root, path)
