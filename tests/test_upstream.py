@@ -61,7 +61,7 @@ async def open_stream(test: TestCase, port: int, body: bytes) -> tuple[Any, Even
         "POST",
         f"http://127.0.0.1:{port}".encode() + CHAT,
         data=body,
-        headers=Headers(JSON_HEADERS),  # type: ignore[arg-type]
+        headers=Headers(JSON_HEADERS),
         unbuffered=True,
     )
     events = Events()
@@ -253,7 +253,7 @@ class ConnectTimeoutTests(TestCase):
             s.setblocking(False)
             s.connect_ex(("127.0.0.1", port))
             fillers.append(s)
-        self.addCleanup(lambda: [s.close() for s in fillers])
+            self.addCleanup(s.close)
         gateway = start_gateway(
             self, gateway_config(aihostport=port, aischeme="http", connect_timeout=0.5)
         )
