@@ -9,26 +9,35 @@ the socket and hands it to worker processes (L{llmgw.cluster}).
 from __future__ import annotations
 
 import ipaddress
+import os
 import signal
-from typing import Any
+from typing import TYPE_CHECKING, Any, TextIO, cast
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from llmgw.api import GatewayResource
+from llmgw.console import ConsoleCommands, console_service, prompt_safe_stdout
 from llmgw.keys import KeyRing
 from llmgw.logs import RequestLog, use_colour
 from llmgw.options import Config, Options
 from llmgw.ratelimit import ILimiter, SlidingWindowLimiter
+
+if TYPE_CHECKING:
+    from llmgw.cluster import Supervisor
 from llmgw.site import GatewaySite
 from llmgw.upstream import UpstreamClient
 
 __all__ = ["Options", "makeService", "make_service"]
 
 log = Logger()
+
+SWEEP_SECONDS = 60.0
 
 
 def build_site(
@@ -123,7 +132,73 @@ class _ClusterExit(Service):
         clear_exit_signal(self.reactor)
 
 
-def make_service(config: Config, reactor: Any) -> MultiService:
+class SweepService(Service):
+    """Forget idle clients once a minute, so memory is returned after a flood."""
+
+    def __init__(self, limiter: SlidingWindowLimiter, reactor: Any) -> None:
+        self.loop = LoopingCall(limiter.sweep)
+        self.loop.clock = reactor
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self.loop.start(SWEEP_SECONDS, now=False)
+
+    def stopService(self) -> Any:
+        super().stopService()  # type: ignore[no-untyped-call]
+        if self.loop.running:
+            self.loop.stop()
+
+
+class LocalCommands:
+    """The console's commands when the one process serves by itself."""
+
+    def __init__(self, resource: GatewayResource, limiter: ILimiter | None, reactor: Any):
+        self.resource = resource
+        self.limiter = limiter
+        self.reactor = reactor
+
+    def stats(self) -> Deferred[dict[str, Any]]:
+        counters = self.resource.counters
+        row = {
+            "worker": 1,
+            "pid": os.getpid(),
+            "served": counters.served,
+            "in_flight": counters.in_flight,
+            "refused": counters.refused,
+            "upstream_errors": counters.upstream_errors,
+            "uptime": self.reactor.seconds() - counters.started,
+        }
+        tracked = len(self.limiter) if isinstance(self.limiter, SlidingWindowLimiter) else 0
+        return succeed({"workers": [row], "tracked_clients": tracked})
+
+    def set_verbose(self, on: bool) -> Deferred[None]:
+        self.resource.request_log.verbose = on
+        return succeed(None)
+
+    def shutdown(self) -> None:
+        self.reactor.stop()
+
+
+class ClusterCommands:
+    """The console's commands in the parent: every worker is asked over AMP."""
+
+    def __init__(self, supervisor: Supervisor, reactor: Any) -> None:
+        self.supervisor = supervisor
+        self.reactor = reactor
+
+    def stats(self) -> Deferred[dict[str, Any]]:
+        return Deferred.fromCoroutine(self.supervisor.stats())
+
+    def set_verbose(self, on: bool) -> Deferred[None]:
+        return Deferred.fromCoroutine(self.supervisor.set_verbose(on))
+
+    def shutdown(self) -> None:
+        self.reactor.stop()
+
+
+def make_service(
+    config: Config, reactor: Any, stdout: TextIO | None = None, console: bool = True
+) -> MultiService:
     """Everything C{twistd llmgw} runs, wired but not started."""
     top = MultiService()
     log.info(
@@ -141,19 +216,31 @@ def make_service(config: Config, reactor: Any) -> MultiService:
         supervisor = Supervisor(config, reactor, colour=use_colour())
         _ClusterExit(reactor).setServiceParent(top)  # type: ignore[no-untyped-call]
         supervisor.setServiceParent(top)  # type: ignore[no-untyped-call]
-        return top
-    KeyReloadService(keys, reactor).setServiceParent(top)  # type: ignore[no-untyped-call]
-    site = build_site(config, reactor, local_limiter(config, reactor), keys)
-    DrainService(site, config.grace, reactor).setServiceParent(top)  # type: ignore[no-untyped-call]
-    server = StreamServerEndpointService(listening_endpoint(config, reactor), site)
-    # Like twisted.application.strports: a port that cannot be bound ends
-    # start-up with the error instead of a gateway that serves nothing.
-    server._raiseSynchronously = True
-    server.setServiceParent(top)
+        if supervisor.limiter is not None:
+            SweepService(supervisor.limiter, reactor).setServiceParent(top)  # type: ignore[no-untyped-call]
+        commands: ConsoleCommands = ClusterCommands(supervisor, reactor)
+    else:
+        KeyReloadService(keys, reactor).setServiceParent(top)  # type: ignore[no-untyped-call]
+        limiter = local_limiter(config, reactor)
+        site = build_site(config, reactor, limiter, keys)
+        DrainService(site, config.grace, reactor).setServiceParent(top)  # type: ignore[no-untyped-call]
+        if isinstance(limiter, SlidingWindowLimiter):
+            SweepService(limiter, reactor).setServiceParent(top)
+        server = StreamServerEndpointService(listening_endpoint(config, reactor), site)
+        # Like twisted.application.strports: a port that cannot be bound ends
+        # start-up with the error instead of a gateway that serves nothing.
+        server._raiseSynchronously = True
+        server.setServiceParent(top)
+        commands = LocalCommands(cast(GatewayResource, site.resource), limiter, reactor)
+    if console:
+        # Added last, so that it is the first service stopped.
+        console_service(commands, reactor, stdout=stdout).setServiceParent(top)
     return top
 
 
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
-    return make_service(options.config, reactor)
+    # Before twistd builds its log observer on sys.stdout, so that log lines
+    # can be printed above the console's prompt instead of through it.
+    return make_service(options.config, reactor, stdout=prompt_safe_stdout())
