@@ -242,6 +242,8 @@ class MockModel:
         self.completed = 0
         self.cancelled = 0
         self.aborted = 0
+        self.last_authorization: bytes | None = None
+        """The C{Authorization} header of the latest chat request, so tests can see keys."""
 
     @property
     def active(self) -> int:
@@ -459,6 +461,7 @@ class ChatCompletions(_JsonResource):
         self._model = model
 
     def render_POST(self, request: Request) -> bytes | int:
+        self._model.last_authorization = request.getHeader(b"authorization")
         try:
             body = b"" if request.content is None else request.content.read()
             completion = read_completion(body, self._model.defaults, self._model.served_model)

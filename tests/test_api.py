@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 
 from twisted.internet.defer import Deferred
@@ -10,9 +11,11 @@ from twisted.trial.unittest import TestCase
 
 from llmgw.devtls import make_ca
 from llmgw.headers import HARDENING_HEADERS
+from llmgw.keys import KeyRing
 from llmgw.mock import Behaviour
 from llmgw.ratelimit import SlidingWindowLimiter
 from tests.loopback import (
+    JSON_HEADERS,
     Reply,
     chat_body,
     eventually,
@@ -300,3 +303,84 @@ class RateLimitTests(HeadersMixin, TestCase):
             reply = await request(self, gateway.port, "GET", b"/healthz")
             self.assertEqual(reply.status, 200)
             self.assertIsNone(reply.header(b"RateLimit"))
+
+
+class KeyTests(HeadersMixin, TestCase):
+    """Client keys (--api-keys-file) and the upstream key (--aikey-file)."""
+
+    def keys(self, aikey: bytes | None, clients: bytes | None) -> KeyRing:
+        paths: list[str | None] = []
+        for content in (aikey, clients):
+            if content is None:
+                paths.append(None)
+                continue
+            path = self.mktemp()
+            with open(path, "wb") as f:
+                f.write(content)
+            paths.append(path)
+        return KeyRing(paths[0], paths[1])
+
+    @inline
+    async def test_missing_or_wrong_key_is_401(self) -> None:
+        upstream = start_upstream(self)
+        keys = self.keys(None, b"# clients\nsk-good\n")
+        gateway = start_gateway(self, gateway_config(upstream), keys=keys)
+        for headers in (
+            dict(JSON_HEADERS),
+            {**JSON_HEADERS, b"Authorization": [b"Bearer sk-bad"]},
+            {**JSON_HEADERS, b"Authorization": [b"Basic sk-good"]},
+        ):
+            reply = await request(self, gateway.port, body=chat_body(), headers=headers)
+            error = self.assertError(reply, 401, "invalid_request_error", code="invalid_api_key")
+            self.assertNotIn("sk-", str(error["message"]))
+            self.assertHardened(reply)
+        self.assertEqual(upstream.model.started, 0)
+        good = {**JSON_HEADERS, b"Authorization": [b"Bearer sk-good"]}
+        reply = await request(self, gateway.port, body=chat_body(), headers=good)
+        self.assertEqual(reply.status, 200)
+
+    @inline
+    async def test_upstream_key_replaces_clients(self) -> None:
+        upstream = start_upstream(self)
+        keys = self.keys(b"sk-upstream\n", None)
+        gateway = start_gateway(self, gateway_config(upstream), keys=keys)
+        headers = {**JSON_HEADERS, b"Authorization": [b"Bearer sk-client"]}
+        reply = await request(self, gateway.port, body=chat_body(), headers=headers)
+        self.assertEqual(reply.status, 200)
+        self.assertEqual(upstream.model.last_authorization, b"Bearer sk-upstream")
+
+    @inline
+    async def test_client_key_passes_through_without_upstream_key(self) -> None:
+        upstream = start_upstream(self)
+        gateway = start_gateway(self, gateway_config(upstream))
+        headers = {**JSON_HEADERS, b"Authorization": [b"Bearer sk-client"]}
+        reply = await request(self, gateway.port, body=chat_body(), headers=headers)
+        self.assertEqual(reply.status, 200)
+        self.assertEqual(upstream.model.last_authorization, b"Bearer sk-client")
+
+
+class ForwardedForTests(TestCase):
+    """X-Forwarded-For is believed only from --trusted-proxy peers."""
+
+    async def two_clients(self, trusted: bool) -> list[int]:
+        clock = Clock()
+        upstream = start_upstream(self)
+        proxies = (ipaddress.ip_network("127.0.0.0/8"),) if trusted else ()
+        config = gateway_config(upstream, rate_limit=1, trusted_proxies=proxies)
+        gateway = start_gateway(
+            self, config, clock=clock, limiter=SlidingWindowLimiter(1, 60, clock)
+        )
+        statuses = []
+        for client in (b"198.51.100.7", b"198.51.100.8"):
+            headers = {**JSON_HEADERS, b"X-Forwarded-For": [client]}
+            reply = await request(self, gateway.port, body=chat_body(), headers=headers)
+            statuses.append(reply.status)
+        return statuses
+
+    @inline
+    async def test_untrusted_peer_cannot_spoof(self) -> None:
+        self.assertEqual(await self.two_clients(trusted=False), [200, 429])
+
+    @inline
+    async def test_trusted_proxy_is_believed(self) -> None:
+        self.assertEqual(await self.two_clients(trusted=True), [200, 200])

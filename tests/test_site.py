@@ -6,11 +6,13 @@ import json
 from typing import Any
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 
 from llmgw.errors import body_too_large
 from llmgw.headers import HARDENING_HEADERS
@@ -188,3 +190,62 @@ class RawResponseTests(SynchronousTestCase):
         self.assertTrue(head.startswith(b"HTTP/1.1 413 "))
         self.assertIn(b"Content-Length: %d" % (len(body),), head)
         self.assertEqual(body, error.body())
+
+
+class Slow(Resource):
+    """Answers only when the test says so."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: list[Request] = []
+
+    def render_POST(self, request: Request) -> int:
+        self.pending.append(request)
+        return NOT_DONE_YET
+
+
+class DrainTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.resource = Slow()
+        self.site = GatewaySite(self.resource, self.clock, max_body=100, read_timeout=30)
+
+    def connect(self) -> tuple[Any, HalfCloseTransport]:
+        channel: Any = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5000))
+        transport = HalfCloseTransport()
+        channel.makeConnection(transport)
+        return channel, transport
+
+    def test_idle_closes_busy_finishes(self) -> None:
+        idle, idle_transport = self.connect()
+        busy, busy_transport = self.connect()
+        busy.dataReceived(post(2) + b"{}")
+        drained = self.site.drain(30)
+        self.assertTrue(idle_transport.disconnecting)
+        idle.connectionLost(Failure(ConnectionDone()))
+        self.assertNoResult(drained)
+        self.assertFalse(busy_transport.disconnecting)
+        (request,) = self.resource.pending
+        request.write(b"done")
+        request.finish()
+        self.assertIn(b"done", busy_transport.value())
+        self.assertTrue(busy_transport.disconnecting)
+        busy.connectionLost(Failure(ConnectionDone()))
+        self.successResultOf(drained)
+
+    def test_grace_runs_out(self) -> None:
+        busy, busy_transport = self.connect()
+        busy.dataReceived(post(2) + b"{}")
+        drained = self.site.drain(30)
+        self.clock.advance(29)
+        self.assertNoResult(drained)
+        self.assertFalse(busy_transport.disconnecting)
+        self.clock.advance(1)
+        self.assertTrue(busy_transport.aborted)  # type: ignore[attr-defined]
+        busy.connectionLost(Failure(ConnectionDone()))
+        self.successResultOf(drained)
+
+    def test_nothing_open(self) -> None:
+        self.successResultOf(self.site.drain(30))
