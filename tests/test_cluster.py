@@ -16,6 +16,7 @@ from typing import Any
 
 from twisted.internet import defer, task
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessDone
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -336,3 +337,82 @@ class RemoteLimiterTests(SynchronousTestCase):
 
     def test_admit_message(self) -> None:
         self.assertEqual(Admit.commandName, b"Admit")
+
+
+TWISTD = "from twisted.scripts.twistd import run; run()"
+
+
+class DaemonTests(TestCase):
+    timeout = 120
+
+    @inline
+    async def test_pidfile_kill_stops_everything(self) -> None:
+        """C{twistd --pidfile --logfile llmgw}: C{kill $(cat pidfile)} stops parent and workers."""
+        upstream = start_upstream(self)
+        pidfile = os.path.abspath(self.mktemp())
+        logfile = os.path.abspath(self.mktemp())
+        port = free_port()
+        launcher = GatewayProcess()
+        args = [sys.executable, "-c", TWISTD, f"--pidfile={pidfile}", f"--logfile={logfile}"]
+        args += ["llmgw", "--bindport", str(port), "--aihost", "localhost"]
+        args += ["--aihostport", str(upstream.port), "--aica", upstream.ca_file, "--workers", "2"]
+        reactor.spawnProcess(launcher, sys.executable, args, env=dict(os.environ))
+        self.assertEqual(await launcher.ended, 0, launcher.text())
+        await eventually(lambda: os.path.exists(pidfile), timeout=10)
+        with open(pidfile) as f:
+            parent = int(f.read())
+        self.addCleanup(_kill, parent, signal.SIGKILL)
+        await eventually(lambda: len(child_pids(parent)) == 2, timeout=30)
+        workers = child_pids(parent)
+        for pid in workers:
+            self.addCleanup(_kill, pid, signal.SIGKILL)
+        process = GatewayProcess()
+        await serving(self, process, port)
+        reply = await request(self, port, body=chat_body("daemon"))
+        self.assertEqual(reply.status, 200)
+        os.kill(parent, signal.SIGTERM)
+        await eventually(lambda: not alive(parent) and not any(map(alive, workers)), timeout=30)
+        with open(logfile) as f:
+            log = f.read()
+        self.assertRegex(log, r"worker [12]: .* POST /v1/chat/completions 200")
+        self.assertIn("Stopping 2 workers", log)
+
+
+class ConsoleProcessTests(TestCase):
+    timeout = 120
+
+    @inline
+    async def test_console_in_a_terminal(self) -> None:
+        """The real gateway under a pseudo-terminal: stats, verbose, exit."""
+        from tests.test_console import TerminalSession
+
+        upstream = start_upstream(self)
+        port = free_port()
+        session = TerminalSession()
+        args = [sys.executable, "-m", "llmgw.cli", "--bindport", str(port), "--aihost"]
+        args += ["localhost", "--aihostport", str(upstream.port), "--aica", upstream.ca_file]
+        args += ["--workers", "2"]
+        process = reactor.spawnProcess(
+            session, sys.executable, args, env={**os.environ, "NO_COLOR": "1"}, usePTY=True
+        )
+
+        def reap() -> Deferred[Any]:
+            if not session.exited:
+                process.signalProcess("KILL")
+            return session.ended
+
+        self.addCleanup(reap)
+        await session.wait_for("llmgw> ", timeout=30)
+        await session.wait_for("worker 2: GatewaySite starting", timeout=30)
+        reply = await request(self, port, body=chat_body("console"))
+        self.assertEqual(reply.status, 200)
+        process.write(b"stats\r")
+        await session.wait_for("tracked clients: 1")
+        self.assertRegex(session.text(), r"total\s+1\s+0\s+0\s+0")
+        process.write(b"verbose on\r")
+        await session.wait_for("verbose logging on")
+        await request(self, port, body=chat_body("now verbose"))
+        await session.wait_for('"content":"now verbose"')
+        process.write(b"exit\r")
+        ended = await session.ended
+        self.assertIsInstance(ended, ProcessDone, session.text())

@@ -120,9 +120,9 @@ class BodyLimitTests(SynchronousTestCase):
     def test_linger_ends_in_abort(self) -> None:
         c = Connection(max_body=10)
         c.send(post(11))
-        self.assertFalse(c.transport.disconnecting)
+        self.assertFalse(c.transport.disconnected)
         c.clock.advance(LINGER_SECONDS)
-        self.assertTrue(c.transport.disconnecting)
+        self.assertTrue(c.transport.disconnected)
 
 
 class ReadDeadlineTests(SynchronousTestCase):
@@ -243,7 +243,7 @@ class DrainTests(SynchronousTestCase):
         self.assertNoResult(drained)
         self.assertFalse(busy_transport.disconnecting)
         self.clock.advance(1)
-        self.assertTrue(busy_transport.aborted)  # type: ignore[attr-defined]
+        self.assertTrue(busy_transport.disconnected)
         busy.connectionLost(Failure(ConnectionDone()))
         self.successResultOf(drained)
 
