@@ -20,11 +20,18 @@ $(STAMP): pyproject.toml
 
 ## run: a stand-in model over real TLS on loopback, and the gateway in front of it.
 run: $(STAMP)
-	@$(PY) -m llmgw.devtls $(DEMO)
-	@echo "Stand-in model on https://localhost:$(MOCK_PORT); gateway on http://localhost:42069 (Ctrl-C stops both)"
+	@$(PY) -m llmgw.devtls $(DEMO) > /dev/null
+	@rm -f $(DEMO)/mock.port
 	@trap 'kill $$mock 2>/dev/null; wait $$mock 2>/dev/null' EXIT INT TERM; \
 	$(VENV)/bin/twistd --nodaemon --pidfile= llmgw-mock --port $(MOCK_PORT) \
-		--cert $(DEMO)/server.pem --key $(DEMO)/server.key > $(DEMO)/mock.log 2>&1 & mock=$$!; \
+		--cert $(DEMO)/server.pem --key $(DEMO)/server.key --portfile $(DEMO)/mock.port \
+		> $(DEMO)/mock.log 2>&1 & mock=$$!; \
+	for i in $$(seq 100); do \
+		test -s $(DEMO)/mock.port && break; \
+		kill -0 $$mock 2>/dev/null || { cat $(DEMO)/mock.log; echo "The stand-in model did not start (is port $(MOCK_PORT) taken? try make run MOCK_PORT=...)"; exit 1; }; \
+		sleep 0.1; \
+	done; \
+	echo "Stand-in model on https://localhost:$(MOCK_PORT); gateway on http://localhost:42069 (Ctrl-C stops both)"; \
 	$(VENV)/bin/llmgw --aihost localhost --aihostport $(MOCK_PORT) --aica $(DEMO)/ca.pem --verbose
 
 ## test: the trial suite, then ruff (lint and format) and mypy --strict.
