@@ -138,7 +138,20 @@ class _ChildStdin:
         return "parent"
 
 
-class ParentSide(amp.AMP):
+class QuietAMP(amp.AMP):
+    """AMP without its connect and disconnect log lines: a worker's pipe is no news."""
+
+    def makeConnection(self, transport: Any) -> None:
+        self._transportPeer = transport.getPeer()
+        self._transportHost = transport.getHost()
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        amp.BinaryBoxProtocol.connectionLost(self, reason)
+        self.transport = None
+
+
+class ParentSide(QuietAMP):
     """What the parent answers a worker: admission, from the one shared limiter."""
 
     def __init__(self, limiter: SlidingWindowLimiter | None) -> None:
@@ -174,7 +187,7 @@ class WorkerProcess(ProcessProtocol):
     def connectionMade(self) -> None:
         assert self.transport is not None
         self.pid = self.transport.pid
-        self.amp.makeConnection(_ChildStdin(self.transport))  # type: ignore[no-untyped-call]
+        self.amp.makeConnection(_ChildStdin(self.transport))
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if childFD == 1:
@@ -190,7 +203,7 @@ class WorkerProcess(ProcessProtocol):
             )
 
     def processEnded(self, reason: Failure) -> None:
-        self.amp.connectionLost(reason)  # type: ignore[no-untyped-call]
+        self.amp.connectionLost(reason)
         self.supervisor.worker_ended(self, reason)
         self.ended.callback(None)
 

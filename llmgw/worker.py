@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from llmgw.api import GatewayResource
-from llmgw.cluster import Admit, SetVerbose, WorkerStats, config_from_json
+from llmgw.cluster import Admit, QuietAMP, SetVerbose, WorkerStats, config_from_json
 from llmgw.keys import KeyRing
 from llmgw.options import Config
 from llmgw.ratelimit import Decision, ILimiter, SlidingWindowLimiter
@@ -96,7 +96,7 @@ class RemoteLimiter:
         result.callback(self.fallback.decide(key))
 
 
-class WorkerSide(amp.AMP):
+class WorkerSide(QuietAMP):
     """What a worker answers the parent: its counters, and verbose on or off."""
 
     resource: GatewayResource | None = None
@@ -124,7 +124,7 @@ class WorkerSide(amp.AMP):
         return {}
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        super().connectionLost(reason)  # type: ignore[no-untyped-call]
+        super().connectionLost(reason)
         self.on_parent_gone()
 
 
