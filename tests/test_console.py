@@ -4,14 +4,13 @@ pseudo-terminal."""
 
 from __future__ import annotations
 
-import functools
 import io
 import os
 import signal
 import sys
 import termios
 import typing
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from llmgw.console import (
     prompt_safe_stdout,
 )
 from tests.console_harness import STATS
+from tests.loopback import inline
 
 reactor: Any = _reactor
 
@@ -59,18 +59,6 @@ STATS_TABLE = (
     " total          1244          3        2                1\n"
     "tracked clients: 42\n"
 )
-
-
-def inline(
-    f: Callable[..., Coroutine[Any, Any, None]],
-) -> Callable[..., Deferred[None]]:
-    """Let trial run an C{async def} test (Twisted 22.4's trial cannot by itself)."""
-
-    @functools.wraps(f)
-    def run(*args: Any, **kwargs: Any) -> Deferred[None]:
-        return Deferred.fromCoroutine(f(*args, **kwargs))
-
-    return run
 
 
 class RecordingCommands:
