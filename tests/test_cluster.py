@@ -416,3 +416,36 @@ class ConsoleProcessTests(TestCase):
         process.write(b"exit\r")
         ended = await session.ended
         self.assertIsInstance(ended, ProcessDone, session.text())
+
+
+class BackoffTests(SynchronousTestCase):
+    """A worker that keeps crashing is restarted ever more slowly, up to a cap."""
+
+    def test_crash_loop_backs_off(self) -> None:
+        from twisted.internet.error import ProcessTerminated
+        from twisted.internet.testing import MemoryReactorClock
+
+        from llmgw.cluster import MAX_BACKOFF, STABLE_SECONDS, Supervisor, WorkerProcess
+
+        clock = MemoryReactorClock()
+        supervisor = Supervisor(Config(workers=1), clock, colour=False)
+        spawned: list[int] = []
+        supervisor.spawn = spawned.append  # type: ignore[method-assign, assignment]
+        delays: list[float] = []
+        for _ in range(9):
+            worker = WorkerProcess(supervisor, 1)
+            supervisor.workers[1] = worker
+            clock.advance(1)  # dies a second after starting
+            supervisor.worker_ended(worker, Failure(ProcessTerminated(signal=9)))
+            (restart,) = clock.getDelayedCalls()
+            delays.append(round(restart.getTime() - clock.seconds(), 3))
+            clock.advance(restart.getTime() - clock.seconds())
+        self.assertEqual(delays, [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, MAX_BACKOFF, MAX_BACKOFF])
+        self.assertEqual(spawned, [1] * 9)
+        worker = WorkerProcess(supervisor, 1)
+        supervisor.workers[1] = worker
+        clock.advance(STABLE_SECONDS)
+        supervisor.worker_ended(worker, Failure(ProcessTerminated(signal=9)))
+        (restart,) = clock.getDelayedCalls()
+        self.assertEqual(restart.getTime(), clock.seconds())
+        self.flushLoggedErrors()
