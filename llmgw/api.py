@@ -141,13 +141,7 @@ class GatewayResource(Resource):
         """Check the client's key and its rate; refuse with 401 or 429."""
         token = bearer_token(request.getHeader(b"authorization"))
         if self.keys.requires_client_key and not self.keys.accepts(token):
-            raise ApiError(
-                401,
-                "Incorrect or missing API key. Send it as 'Authorization: Bearer <key>'.",
-                errors.INVALID_REQUEST,
-                None,
-                "invalid_api_key",
-            )
+            raise errors.invalid_api_key()
         if self.limiter is None:
             return
         if self.config.rate_key == "key" and token is not None:
@@ -159,15 +153,7 @@ class GatewayResource(Resource):
             request.setHeader(name, value)
         if not decision.allowed:
             self.counters.refused += 1
-            raise ApiError(
-                429,
-                f"Rate limit reached: {decision.limit} requests per {decision.window} "
-                f"seconds. Retry after {decision.reset} seconds.",
-                "rate_limit_error",
-                None,
-                "rate_limit_exceeded",
-                ((b"Retry-After", b"%d" % (decision.reset,)),),
-            )
+            raise errors.rate_limited(decision.limit, decision.window, decision.reset)
 
     def _authorization(self, request: Request) -> bytes | None:
         if self.keys.upstream_authorization is not None:
@@ -235,15 +221,7 @@ class GatewayResource(Resource):
             response = await self._send(request, b"GET", b"/v1/models", None, deadline)
             status, _, _ = await self.upstream.read_json(response)
         except ApiError as e:
-            raise ApiError(
-                503, f"Not ready: {e.message}", errors.API_ERROR, None, "upstream_unavailable"
-            ) from None
+            raise errors.not_ready(e.message) from None
         if status != 200:
-            raise ApiError(
-                503,
-                f"Not ready: the model server answered {status} to /v1/models.",
-                errors.API_ERROR,
-                None,
-                "upstream_unavailable",
-            )
+            raise errors.not_ready(f"the model server answered {status} to /v1/models.")
         _respond_json(request, 200, _READY)

@@ -132,3 +132,44 @@ def upstream_timeout(seconds: float, what: str = "reply") -> ApiError:
         None,
         "upstream_timeout",
     )
+
+
+def request_timeout(seconds: float) -> ApiError:
+    return ApiError(
+        408,
+        f"The request did not arrive within {seconds:g} seconds.",
+        INVALID_REQUEST,
+        None,
+        "request_timeout",
+    )
+
+
+def invalid_api_key() -> ApiError:
+    return ApiError(
+        401,
+        "Incorrect or missing API key. Send it as 'Authorization: Bearer <key>'.",
+        INVALID_REQUEST,
+        None,
+        "invalid_api_key",
+    )
+
+
+def rate_limited(limit: int, window: int, retry_after: int) -> ApiError:
+    return ApiError(
+        429,
+        f"Rate limit reached: {limit} requests per {window} seconds. "
+        f"Retry after {retry_after} seconds.",
+        "rate_limit_error",
+        None,
+        "rate_limit_exceeded",
+        ((b"Retry-After", b"%d" % (retry_after,)),),
+    )
+
+
+def not_ready(detail: str) -> ApiError:
+    return ApiError(503, f"Not ready: {detail}", API_ERROR, None, "upstream_unavailable")
+
+
+def internal() -> ApiError:
+    """A bug, not bad input; the traceback goes to the log, never to the client."""
+    return ApiError(500, "The gateway failed unexpectedly; the error is logged.", API_ERROR)

@@ -25,7 +25,8 @@ from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import IResource
 
-from llmgw.errors import API_ERROR, ApiError, body_too_large, invalid
+from llmgw import errors
+from llmgw.errors import ApiError, body_too_large, invalid
 from llmgw.headers import HARDENING_HEADERS, secure
 
 log = Logger()
@@ -98,10 +99,7 @@ class GatewayRequest(server.Request):
     def processingFailed(self, reason: Failure) -> None:
         """A bug, not bad input: log the traceback, never send it."""
         log.failure("Unhandled error serving {path}", reason, path=self.path)
-        render_error(
-            self,
-            ApiError(500, "The gateway failed unexpectedly; the error is logged.", API_ERROR),
-        )
+        render_error(self, errors.internal())
 
 
 class GatewayChannel(http.HTTPChannel):
@@ -153,13 +151,7 @@ class GatewayChannel(http.HTTPChannel):
             peer=self._transport.getPeer(),
             seconds=self.site.read_timeout,
         )
-        self.refuse(
-            ApiError(
-                408,
-                f"The request did not arrive within {self.site.read_timeout:g} seconds.",
-                code="request_timeout",
-            )
-        )
+        self.refuse(errors.request_timeout(self.site.read_timeout))
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         """Twisted's reply to a malformed or oversized head, in our shape."""

@@ -14,7 +14,7 @@ from typing import Any
 
 import attrs
 
-from llmgw.errors import ApiError, invalid
+from llmgw.errors import invalid
 
 ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
 
@@ -147,12 +147,11 @@ def validate_chat(
 
     for field in RECONFIGURING_FIELDS:
         if field in document and field not in allowed_fields:
-            raise ApiError(
-                400,
+            raise invalid(
                 f"{field} reconfigures the model server and is not allowed by this "
                 f"gateway; the operator can allow it with --allow-field {field}.",
-                param=field,
-                code="field_not_allowed",
+                field,
+                "field_not_allowed",
             )
 
     stream = document.get("stream")
