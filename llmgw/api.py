@@ -177,14 +177,22 @@ class GatewayResource(Resource):
         _respond_json(request, status, body)
 
     async def chat_completions(self, request: Request) -> None:
-        await self._admit(request)
-        if _media_type(request) != _JSON:
-            raise errors.unsupported_media_type()
-        chat = validate_chat(
-            cast(BytesIO, request.content).getvalue(),
-            default_model=self.config.default_model,
-            allowed_fields=self.config.allowed_fields,
-        )
+        # Validation runs while the limiter (perhaps in the parent process)
+        # decides; its verdict still comes first, so a refused client gets
+        # its 429 whatever its body.
+        admission: Deferred[None] = Deferred.fromCoroutine(self._admit(request))
+        try:
+            if _media_type(request) != _JSON:
+                raise errors.unsupported_media_type()
+            chat = validate_chat(
+                cast(BytesIO, request.content).getvalue(),
+                default_model=self.config.default_model,
+                allowed_fields=self.config.allowed_fields,
+            )
+        except ApiError:
+            await admission
+            raise
+        await admission
         self.request_log.request(request, chat.body)
         response = await self._send(
             request, b"POST", b"/v1/chat/completions", chat.body, self.config.timeout

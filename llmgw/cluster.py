@@ -195,12 +195,13 @@ class WorkerProcess(ProcessProtocol):
             return
         lines = (self._log_buffer + data).split(b"\n")
         self._log_buffer = lines.pop()
-        for line in lines:
-            log.info(
-                "worker {worker}: {line}",
-                worker=self.number,
-                line=line.decode("utf-8", "replace"),
-            )
+        if lines:
+            # One event for all the lines of one read: a worker batches its
+            # lines per reactor turn, and an event each is what made the
+            # parent the bottleneck under load.
+            tag = b"\nworker %d: " % (self.number,)
+            text = tag[1:] + tag.join(lines)
+            log.info("{lines}", lines=text.decode("utf-8", "replace"), worker=self.number)
 
     def processEnded(self, reason: Failure) -> None:
         self.amp.connectionLost(reason)

@@ -19,7 +19,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.stdio import StandardIO
-from twisted.logger import FileLogObserver, Logger, eventAsText, globalLogBeginner
+from twisted.logger import ILogObserver, Logger, eventAsText, globalLogBeginner
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -128,16 +128,57 @@ class WorkerSide(QuietAMP):
         self.on_parent_gone()
 
 
-def _log_to_stderr() -> None:
-    """Plain lines on stderr; the parent adds the time and the worker's number."""
+def accept_one_at_a_time(port: Any) -> None:
+    """
+    Take one connection per wake-up from the shared socket.
 
-    def format_event(event: Any) -> str | None:
+    Every worker is woken for each new connection, and Twisted accepts up to a
+    hundred in a row, so a burst can land whole on one worker while the other
+    idles.  Accepting one at a time spreads connections across the workers.
+    """
+    accept = port.doRead
+
+    def accept_one() -> Any:
+        port.numberAccepts = 1
+        return accept()
+
+    port.doRead = accept_one
+
+
+@implementer(ILogObserver)
+class BatchedLines:
+    """
+    Log lines for the parent, written once per reactor turn rather than each alone.
+
+    Under load a worker logs a line per request; one write per turn instead of
+    one per line saves system calls here and wake-ups in the parent.
+    """
+
+    def __init__(self, stream: Any, reactor: Any) -> None:
+        self.stream = stream
+        self.reactor = reactor
+        self.lines: list[str] = []
+
+    def __call__(self, event: Any) -> None:
         text = eventAsText(event, includeTimestamp=False, includeSystem=False)
-        return text + "\n" if text else None
+        if not text:
+            return
+        if not self.lines:
+            self.reactor.callLater(0, self.flush)
+        self.lines.append(text + "\n")
 
-    globalLogBeginner.beginLoggingTo(
-        [FileLogObserver(sys.stderr, format_event)], redirectStandardIO=False
-    )
+    def flush(self) -> None:
+        lines, self.lines = self.lines, []
+        self.stream.write("".join(lines))
+        self.stream.flush()
+
+
+def _log_to_stderr(reactor: Any) -> BatchedLines:
+    """Plain lines on stderr; the parent adds the time and the worker's number."""
+    observer = BatchedLines(sys.stderr, reactor)
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    reactor.addSystemEventTrigger("after", "shutdown", observer.flush)
+    return observer
 
 
 def serve(config: Config, colour: bool, reactor: Any) -> None:
@@ -162,6 +203,7 @@ def serve(config: Config, colour: bool, reactor: Any) -> None:
     parent.resource = site.resource
     family = socket.AF_INET6 if ":" in config.bindip else socket.AF_INET
     port = reactor.adoptStreamPort(LISTENING_FD, family, site)
+    accept_one_at_a_time(port)
     # adoptStreamPort duplicates the descriptor; ours would keep the socket alive.
     import os
 
@@ -180,8 +222,9 @@ def serve(config: Config, colour: bool, reactor: Any) -> None:
 def main(argv: list[str] | None = None) -> None:
     arguments = sys.argv[1:] if argv is None else argv
     config = config_from_json(arguments[0])
-    _log_to_stderr()
     from twisted.internet import reactor
+
+    _log_to_stderr(reactor)
 
     log.info("Worker {number} serving", number=arguments[1])
     serve(config, arguments[2] == "colour", reactor)

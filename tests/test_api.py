@@ -294,6 +294,20 @@ class RateLimitTests(HeadersMixin, TestCase):
         self.assertEqual(fourth.status, 200)
 
     @inline
+    async def test_refusal_comes_before_validation(self) -> None:
+        """Over the limit, even a broken body gets the 429, and it is not counted again."""
+        clock = Clock()
+        upstream = start_upstream(self)
+        gateway = start_gateway(
+            self, gateway_config(upstream), clock=clock, limiter=SlidingWindowLimiter(1, 10, clock)
+        )
+        invalid = await request(self, gateway.port, body=b"{not json")
+        self.assertError(invalid, 400, "invalid_request_error")
+        self.assertEqual(invalid.header(b"RateLimit"), b'"default";r=0;t=10')
+        refused = await request(self, gateway.port, body=b"{not json")
+        self.assertError(refused, 429, "rate_limit_error", code="rate_limit_exceeded")
+
+    @inline
     async def test_healthz_not_limited(self) -> None:
         clock = Clock()
         gateway = start_gateway(

@@ -1,0 +1,202 @@
+#!/usr/bin/env python3
+"""
+Where a gateway worker's time goes, under the same load as `make bench`.
+
+    .venv/bin/pip install py-spy            # a bench tool, not a dependency
+    .venv/bin/python bench/profile.py http  # wrk, 50 connections, non-streamed
+    .venv/bin/python bench/profile.py stream  # 500 paced streams, as test (i)
+
+Starts the stand-ins and the gateway exactly as bench/run.py does, samples one
+worker and the parent with py-spy while the load runs, and prints the
+functions that take the most time (own time, and time including callees),
+as shares of all samples.  `--rate-limit 0` or other gateway flags can be
+compared with `--gateway-flag`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import run
+
+
+def py_spy() -> str:
+    found = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(found).exists():
+        sys.exit("profile: needs py-spy (.venv/bin/pip install py-spy)")
+    return found
+
+
+def record(pid: int, seconds: float, out: Path, rate: int) -> subprocess.Popen[bytes]:
+    argv = [py_spy(), "record", "-p", str(pid), "-d", f"{seconds:g}", "-r", str(rate)]
+    argv += ["-f", "raw", "-o", str(out)]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+#: py-spy's own idle detection misses these: a reactor waiting in epoll, and
+#: an idle thread of the reactor's pool waiting for work.
+IDLE_LEAVES = ("EPollReactor.doPoll (epollreactor.py:227)",)
+IDLE_THREAD = "ThreadWorker.__init__.<locals>.work"
+
+
+def summarise(path: Path, title: str, top: int, focus: list[str] = ()) -> None:  # type: ignore[assignment]
+    total = idle = 0
+    own: collections.Counter[str] = collections.Counter()
+    focused: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        n = int(count)
+        frames = [
+            f.split(" (")[0] + " (" + f.split(" (")[-1].split("/")[-1] for f in stack.split(";")
+        ]
+        leaf = frames[-1]
+        if leaf in IDLE_LEAVES or (IDLE_THREAD in stack and ("wait" in leaf or "get" in leaf)):
+            idle += n
+            continue
+        total += n
+        own[frames[-1]] += n
+        for frame in set(frames):
+            inclusive[frame] += n
+        for text in focus:
+            if any(text in frame for frame in frames):
+                focused[text] += n
+    print(f"\n== {title}: {total} busy samples ({idle} idle samples left out)")
+    print("-- own time")
+    for frame, n in own.most_common(top):
+        print(f"{n / total:6.1%}  {frame}")
+    print("-- including callees")
+    for frame, n in inclusive.most_common(top + 15):
+        print(f"{n / total:6.1%}  {frame}")
+    if focus:
+        print("-- focus (stacks through a function whose name contains the text)")
+        for text in focus:
+            n = focused[text]
+            print(f"{n / max(total, 1):6.1%}  {text}")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("load", choices=("http", "stream"))
+    p.add_argument("--seconds", type=float, default=12.0)
+    p.add_argument("--conns", type=int, default=50)
+    p.add_argument("--rate", type=int, default=200)
+    p.add_argument("--top", type=int, default=30)
+    p.add_argument("--rate-limit", type=int, default=100_000_000)
+    p.add_argument("--keep", type=Path, help="copy py-spy's raw stacks into this folder")
+    p.add_argument(
+        "--focus",
+        action="append",
+        default=[],
+        help="also report the share of stacks through this function",
+    )
+    args = p.parse_args()
+    run.ensure_tools()
+    run.raise_file_limit()
+    ns = run.parse_args([])
+    with tempfile.TemporaryDirectory(prefix="llmgw-profile-") as tmp:
+        workdir = Path(tmp)
+        subprocess.run(
+            [sys.executable, "-m", "llmgw.devtls", str(workdir / "tls")],
+            check=True,
+            cwd=run.ROOT,
+            stdout=subprocess.DEVNULL,
+        )
+        with run.bench_processes(workdir) as processes:
+            if args.load == "http":
+                upstream = run.free_port()
+                conf = run.write_nginx_conf(workdir, upstream, workdir / "tls")
+                nginx = processes.start(
+                    "nginx", [run.nginx_binary(), "-p", str(workdir), "-c", str(conf)]
+                )
+                run.wait_for_port(upstream, nginx, processes)
+            else:
+                sse = run.build_sse(workdir)
+                upstream = run.free_port()
+                tls = workdir / "tls"
+                source = processes.start(
+                    "sse-source",
+                    [
+                        sse,
+                        "serve",
+                        str(upstream),
+                        str(tls / "server.pem"),
+                        str(tls / "server.key"),
+                        "64",
+                        "20",
+                    ],
+                )
+                run.wait_for_port(upstream, source, processes)
+            gateway = run.start_gateway(
+                processes, ns, workdir, "gateway", "gateway", upstream, args.rate_limit
+            )
+            time.sleep(0.5)
+            gateway.refresh_pids()
+            worker = run.gateway_workers(gateway)[0]
+            load_result: dict[str, object] = {}
+
+            def load() -> None:
+                if args.load == "http":
+                    load_result.update(
+                        run.run_wrk(gateway, args.conns, args.seconds + 2, processes)
+                    )
+                else:
+                    port = int(gateway.url.rsplit(":", 1)[1].split("/", 1)[0])
+                    rounds = max(1, int(args.seconds / 1.26) + 2)
+                    load_result.update(
+                        run.run_streams(
+                            sse,
+                            port,
+                            tls=False,
+                            conns=500,
+                            streams=rounds,
+                            chunks=64,
+                            interval_ms=20.0,
+                            ramp=1.0,
+                        )
+                    )
+
+            thread = threading.Thread(target=load)
+            thread.start()
+            time.sleep(1.5)
+            spies = [
+                record(worker, args.seconds, workdir / "worker.raw", args.rate),
+                record(gateway.process.pid, args.seconds, workdir / "parent.raw", args.rate),
+            ]
+            for spy in spies:
+                spy.wait()
+            thread.join()
+            keys = (
+                "rps",
+                "p50_us",
+                "p99_us",
+                "cpu_us_per_request",
+                "lost",
+                "stalls",
+                "lat_p50_ms",
+                "lat_p99_ms",
+            )
+            print({k: load_result[k] for k in keys if k in load_result})
+            summarise(workdir / "worker.raw", f"worker {worker}", args.top, args.focus)
+            summarise(workdir / "parent.raw", f"parent {gateway.process.pid}", args.top, args.focus)
+            if args.keep:
+                args.keep.mkdir(parents=True, exist_ok=True)
+                for name in ("worker.raw", "parent.raw"):
+                    shutil.copy(workdir / name, args.keep / f"{args.load}-{name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1328 @@
+#!/usr/bin/env python3
+"""
+`make bench`: the gateway against a direct connection and the bare floor forwarder.
+
+    .venv/bin/python bench/run.py                      # what `make bench` runs
+    .venv/bin/python bench/run.py --update BENCHMARKS.md   # and rewrite its table
+
+Everything runs on 127.0.0.1 with real, fast stand-ins, and is torn down on exit:
+
+- nginx (Debian's) answers POST /v1/chat/completions over HTTPS with a canned
+  vLLM-shaped reply; wrk (Debian's) is the load generator, with bench/post.lua;
+- bench/sse.c, compiled here, is the paced SSE source (HTTPS) and the stream
+  client: every event carries the time it was sent, so the client measures
+  per-event delivery latency, lost events and stalls;
+- the systems under test: the upstream direct, the gateway (`--workers 2`, client
+  keys, an upstream key, a trusted proxy, the cross-worker limiter with a limit
+  too high to trip, the access log), the same gateway with `--rate-limit 0`, and
+  the floor (../shared/bench/floor.py, a bare Twisted + treq forwarder).
+
+The request/response runs are interleaved round by round, rotating the order, so
+that drift of the machine hits every system alike; each figure is the median of
+the rounds.  Each stream test runs direct first, to show that the source and the
+client stay clean at that size.  Missing tools (nginx, wrk, gcc, libssl-dev) are
+installed with apt-get when running as root, and named otherwise.
+"""
+
+# The report is built from long Markdown table rows, with typographic signs in them.
+# ruff: noqa: E501, RUF001
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+POST_LUA = HERE / "post.lua"
+SSE_C = HERE / "sse.c"
+LIMITER_PY = HERE / "limiter.py"
+
+MODEL = "TheBloke/Mistral-7B-Instruct-v0.2-AWQ"
+CHAT_BODY = json.dumps(
+    {
+        "model": MODEL,
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "Hello there, how are you today?"},
+        ],
+        "temperature": 0.7,
+        "max_tokens": 64,
+    },
+    separators=(",", ":"),
+)
+CANNED_REPLY = json.dumps(
+    {
+        "id": "chatcmpl-5f1c2e9a7b6d4c3a9e8f7a6b5c4d3e2f",
+        "object": "chat.completion",
+        "created": 1700000000,
+        "model": MODEL,
+        "choices": [
+            {
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": "Hello! I am doing well, thank you for asking. How can I help?",
+                    "tool_calls": [],
+                },
+                "logprobs": None,
+                "finish_reason": "stop",
+                "stop_reason": None,
+            }
+        ],
+        "usage": {"prompt_tokens": 31, "total_tokens": 49, "completion_tokens": 18},
+        "prompt_logprobs": None,
+    },
+    separators=(",", ":"),
+)
+MODELS_REPLY = json.dumps(
+    {"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "vllm"}]},
+    separators=(",", ":"),
+)
+CLIENT_KEY = "sk-bench-client-0123456789abcdef"
+FORWARDED_FOR = "127.0.0.2"  # the client behind the trusted proxy; loopback, never contacted
+
+#: The targets from the issue, checked in the summary.
+TARGET_RATIO = 1.25
+TARGET_ADDED_P50_MS = 0.5
+TARGET_ADDED_P99_MS = 1.0
+TARGET_STREAM_P99_MS = 20.0
+TARGET_CPU_PER_CHUNK_US = 25.0
+TARGET_RSS_PER_STREAM_KB = 64.0
+TARGET_IDLE_RSS_MB = 40.0
+TARGET_LIMITER_BYTES = 300.0
+FILE_LIMIT = 20000
+
+NEEDED = {  # what -> Debian package
+    "nginx": "nginx",
+    "wrk": "wrk",
+    "gcc": "gcc",
+    "/usr/include/openssl/ssl.h": "libssl-dev",
+}
+
+
+def say(*args: Any) -> None:
+    print(*args, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- tools
+
+
+def _have(what: str) -> bool:
+    if what.startswith("/"):
+        return os.path.exists(what)
+    return shutil.which(what) is not None or os.path.exists(f"/usr/sbin/{what}")
+
+
+def ensure_tools() -> None:
+    missing = sorted({package for what, package in NEEDED.items() if not _have(what)})
+    if not missing:
+        return
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        say(f"bench: installing {' '.join(missing)} from Debian's packages")
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        command = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing]
+        if subprocess.run(command, env=env, stdout=subprocess.DEVNULL).returncode != 0:
+            subprocess.run(["apt-get", "update", "-q"], env=env, stdout=subprocess.DEVNULL)
+            subprocess.run(command, env=env, stdout=subprocess.DEVNULL)
+        missing = sorted({package for what, package in NEEDED.items() if not _have(what)})
+    if missing:
+        sys.exit(f"bench: needs {' '.join(missing)}: apt-get install {' '.join(missing)}")
+
+
+def nginx_binary() -> str:
+    return shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+def raise_file_limit() -> int:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = FILE_LIMIT
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(hard, want)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard), hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+# ----------------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Processes:
+    """Every process the bench starts, each in its own session, all killed on exit."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.running: list[subprocess.Popen[bytes]] = []
+
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Any:
+        log = open(self.workdir / f"{name}.log", "ab")
+        process = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+            cwd=self.workdir,
+        )
+        log.close()
+        process.name = name  # type: ignore[attr-defined]
+        self.running.append(process)
+        return process
+
+    def stop(self, process: Any, grace: float = 8.0) -> None:
+        if process.poll() is None:
+            for signum, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+                try:
+                    os.killpg(process.pid, signum)
+                except ProcessLookupError:
+                    break
+                try:
+                    process.wait(wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        # Whatever is left of its session (a worker whose parent went first).
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if process in self.running:
+            self.running.remove(process)
+
+    def stop_all(self) -> None:
+        for process in reversed(list(self.running)):
+            self.stop(process, grace=3.0)
+
+    def log_tail(self, process: Any, lines: int = 30) -> str:
+        path = self.workdir / f"{process.name}.log"
+        try:
+            return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def wait_for_port(port: int, process: Any, processes: Processes, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"{process.name} exited ({process.returncode}):\n{processes.log_tail(process)}"
+            )
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{process.name} did not listen on {port} within {seconds:.0f}s")
+
+
+# ---------------------------------------------------------------- /proc accounting
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _stat_fields(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
+def process_tree(root: int) -> list[int]:
+    """C{root} and every process below it."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parents[int(entry)] = int(_stat_fields(int(entry))[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    tree = [root]
+    for pid in tree:
+        tree.extend(child for child, parent in parents.items() if parent == pid)
+    return tree
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            fields = _stat_fields(pid)
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / CLOCK_TICKS
+
+
+def machine_busy_seconds() -> float:
+    """CPU time the whole machine spent busy (all cores), from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
+
+
+class ForeignLoad:
+    """
+    CPU used during a measurement by processes that are not the bench's own.
+
+    The bench shares a two-core machine: anything else running (a test suite,
+    a build) takes CPU from the systems under test and skews their figures, so
+    each measurement says how much of it there was.
+    """
+
+    def __init__(self, processes: Processes) -> None:
+        self.processes = processes
+
+    def __enter__(self) -> ForeignLoad:
+        self.started = time.monotonic()
+        self.busy = machine_busy_seconds()
+        self.ours = self._ours()
+        return self
+
+    def _ours(self) -> float:
+        pids = [pid for p in self.processes.running for pid in process_tree(p.pid)]
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        me = resource.getrusage(resource.RUSAGE_SELF)
+        return cpu_seconds(pids) + children.ru_utime + children.ru_stime + me.ru_utime + me.ru_stime
+
+    def __exit__(self, *exc: object) -> None:
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        busy = machine_busy_seconds() - self.busy
+        ours = self._ours() - self.ours
+        self.cores = max(busy - ours, 0.0) / elapsed
+
+
+def wait_for_quiet(processes: Processes, limit: float = 0.15, patience: float = 120.0) -> float:
+    """Wait (a while) for other work on the machine to finish; return its load then."""
+    deadline = time.monotonic() + patience
+    told = False
+    while True:
+        with ForeignLoad(processes) as load:
+            time.sleep(1.0)
+        if load.cores <= limit or time.monotonic() > deadline:
+            return load.cores
+        if not told:
+            say(
+                f"bench: other processes use {load.cores:.2f} cores; waiting up to {patience:.0f} s"
+            )
+            told = True
+
+
+def rss_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class RssSampler:
+    """The peak of the summed RSS of some processes, sampled in a thread."""
+
+    def __init__(self, pids: list[int], every: float = 0.2) -> None:
+        self.pids = pids
+        self.every = every
+        self.peak = 0
+        self.peak_each: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            each = [rss_kb(pid) for pid in self.pids]
+            if sum(each) > self.peak:
+                self.peak, self.peak_each = sum(each), each
+            self._stop.wait(self.every)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# --------------------------------------------------------------------- the systems
+
+
+class System:
+    """A thing wrk can be pointed at, with the processes whose CPU it costs."""
+
+    def __init__(self, key: str, label: str, url: str, process: Any, headers: bool) -> None:
+        self.key = key
+        self.label = label
+        self.url = url
+        self.process = process
+        self.pids: list[int] = []
+        self.headers = headers  # sends the client key and X-Forwarded-For
+
+    def refresh_pids(self) -> None:
+        self.pids = process_tree(self.process.pid)
+
+
+def write_nginx_conf(workdir: Path, port: int, tls: Path) -> Path:
+    conf = workdir / "nginx.conf"
+    temp = workdir / "nginx-temp"
+    temp.mkdir(exist_ok=True)
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    conf.write_text(
+        f"""{user}daemon off;
+worker_processes 1;
+worker_rlimit_nofile {FILE_LIMIT};
+pid {workdir}/nginx.pid;
+error_log {workdir}/nginx-error.log warn;
+events {{ worker_connections 10000; }}
+http {{
+    access_log off;
+    client_body_temp_path {temp}/body;
+    proxy_temp_path {temp}/proxy;
+    fastcgi_temp_path {temp}/fastcgi;
+    uwsgi_temp_path {temp}/uwsgi;
+    scgi_temp_path {temp}/scgi;
+    keepalive_requests 100000000;
+    keepalive_timeout 300s;
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        ssl_certificate {tls}/server.pem;
+        ssl_certificate_key {tls}/server.key;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        location = /v1/chat/completions {{
+            default_type application/json;
+            return 200 '{CANNED_REPLY}';
+        }}
+        location = /v1/models {{
+            default_type application/json;
+            return 200 '{MODELS_REPLY}';
+        }}
+        location / {{ return 404; }}
+    }}
+}}
+"""
+    )
+    return conf
+
+
+def gateway_argv(
+    python: str, workdir: Path, name: str, port: int, upstream: int, rate_limit: int
+) -> list[str]:
+    twistd = str(Path(python).with_name("twistd"))
+    keys = workdir / "client-keys"
+    keys.write_text(f"# bench client\n{CLIENT_KEY}\n")
+    aikey = workdir / "upstream-key"
+    aikey.write_text("sk-bench-upstream\n")
+    return [
+        twistd,
+        "-n",
+        "--pidfile=",
+        "--logfile",
+        str(workdir / f"{name}.access.log"),
+        "llmgw",
+        "--bindip",
+        "127.0.0.1",
+        "--bindport",
+        str(port),
+        "--aihost",
+        "127.0.0.1",
+        "--aihostport",
+        str(upstream),
+        "--aica",
+        str(workdir / "tls" / "ca.pem"),
+        "--workers",
+        "2",
+        "--grace",
+        "2",
+        "--rate-limit",
+        str(rate_limit),
+        "--api-keys-file",
+        str(keys),
+        "--aikey-file",
+        str(aikey),
+        "--trusted-proxy",
+        "127.0.0.1/32",
+    ]
+
+
+def gateway_workers(system: System) -> list[int]:
+    return [pid for pid in system.pids if pid != system.process.pid]
+
+
+def wait_for_workers(system: System, count: int = 2, seconds: float = 30.0) -> None:
+    """The parent listens before its workers have adopted the socket: wait for them."""
+    deadline = time.monotonic() + seconds
+    log = Path(system.process.args[system.process.args.index("--logfile") + 1])
+    while time.monotonic() < deadline:
+        text = log.read_text(errors="replace") if log.exists() else ""
+        if text.count(" serving") >= count:
+            system.refresh_pids()
+            return
+        if system.process.poll() is not None:
+            break
+        time.sleep(0.1)
+    raise RuntimeError(f"{system.label}: workers did not start:\n{text[-2000:]}")
+
+
+def check_reply(system: System, tls: Path, expect_gateway: bool) -> None:
+    """One real request first: a bench of a broken path would measure error pages."""
+    url = system.url.split("//", 1)[1]
+    hostport = url.split("/", 1)[0]
+    host, port = hostport.rsplit(":", 1)
+    if system.url.startswith("https"):
+        context = ssl.create_default_context(cafile=str(tls / "ca.pem"))
+        connection: http.client.HTTPConnection = http.client.HTTPSConnection(
+            host, int(port), context=context, timeout=10
+        )
+    else:
+        connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    headers = {"Content-Type": "application/json"}
+    if system.headers:
+        headers.update({"Authorization": f"Bearer {CLIENT_KEY}", "X-Forwarded-For": FORWARDED_FOR})
+    connection.request("POST", "/v1/chat/completions", CHAT_BODY, headers)
+    response = connection.getresponse()
+    body = response.read()
+    connection.close()
+    if response.status != 200 or json.loads(body) != json.loads(CANNED_REPLY):
+        raise RuntimeError(f"{system.label}: {response.status} {body[:300]!r}")
+    if expect_gateway:
+        for name in ("X-Frame-Options", "Content-Security-Policy", "Cache-Control"):
+            if response.getheader(name) is None:
+                raise RuntimeError(f"{system.label}: no {name} header")
+        if "--rate-limit" in system.process.args:
+            limit = system.process.args[system.process.args.index("--rate-limit") + 1]
+            if limit != "0" and response.getheader("RateLimit") is None:
+                raise RuntimeError(f"{system.label}: no RateLimit header")
+
+
+# ----------------------------------------------------------------------------- wrk
+
+
+def run_wrk(
+    system: System, conns: int, seconds: float, processes: Processes | None = None
+) -> dict[str, Any]:
+    env = dict(os.environ, BENCH_BODY=CHAT_BODY)
+    if system.headers:
+        env.update(BENCH_KEY=CLIENT_KEY, BENCH_XFF=FORWARDED_FOR)
+    argv = [
+        "wrk",
+        "-t1",
+        f"-c{conns}",
+        f"-d{seconds:g}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(POST_LUA),
+        system.url,
+    ]
+    workers = gateway_workers(system) if system.key.startswith("gateway") else []
+    cpu_before = cpu_seconds(system.pids)
+    parent_before = cpu_seconds([system.process.pid])
+    serving = workers or [pid for pid in system.pids if pid != system.process.pid]
+    each_before = [cpu_seconds([pid]) for pid in serving]
+    with ForeignLoad(processes or Processes(Path("."))) as foreign:
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=seconds + 60)
+    cpu = cpu_seconds(system.pids) - cpu_before
+    parent_cpu = cpu_seconds([system.process.pid]) - parent_before
+    each = [cpu_seconds([pid]) - before for pid, before in zip(serving, each_before, strict=True)]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("BENCH ")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"wrk failed on {system.label}: {done.stdout}\n{done.stderr}")
+    result: dict[str, Any] = json.loads(lines[-1][6:])
+    seconds_run = result["duration_us"] / 1e6
+    requests = max(result["requests"], 1)
+    result["rps"] = result["requests"] / seconds_run
+    result["errors"] = sum(result[k] for k in ("connect", "read", "write", "status", "timeout"))
+    result["cpu_us_per_request"] = cpu / requests * 1e6
+    result["parent_cpu_us_per_request"] = parent_cpu / requests * 1e6 if workers else None
+    result["cpu_cores"] = cpu / seconds_run
+    result["foreign_cores"] = foreign.cores
+    # How evenly the kernel spread wrk's connections over the workers: the
+    # busiest worker's share of the workers' CPU (0.5 is even, 1.0 is one).
+    result["busiest_worker_share"] = max(each) / sum(each) if len(each) > 1 and sum(each) else None
+    return result
+
+
+# -------------------------------------------------------------------------- streams
+
+
+def build_sse(workdir: Path) -> str:
+    binary = workdir / "sse"
+    command = ["gcc", "-O2", "-o", str(binary), str(SSE_C), "-lssl", "-lcrypto"]
+    subprocess.run(command, check=True)
+    return str(binary)
+
+
+def stream_body(chunks: int, interval_ms: float) -> str:
+    return json.dumps(
+        {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "Tell me a story."}],
+            "stream": True,
+            "max_tokens": chunks,
+            "bench_chunks": chunks,
+            "bench_interval_ms": interval_ms,
+        },
+        separators=(",", ":"),
+    )
+
+
+def run_streams(
+    sse: str,
+    port: int,
+    *,
+    tls: bool,
+    conns: int,
+    streams: int,
+    chunks: int,
+    interval_ms: float,
+    ramp: float,
+) -> dict[str, Any]:
+    duration = ramp + streams * (chunks - 1) * interval_ms / 1000
+    deadline = duration + 30
+    argv = [
+        sse,
+        "load",
+        "--port",
+        str(port),
+        "--conns",
+        str(conns),
+        "--streams",
+        str(streams),
+        "--chunks",
+        str(chunks),
+        "--interval-ms",
+        f"{interval_ms:g}",
+        "--ramp",
+        f"{ramp:g}",
+        "--deadline",
+        f"{deadline:g}",
+        "--body",
+        stream_body(chunks, interval_ms),
+    ]
+    if tls:
+        argv.append("--tls")
+    else:
+        argv += [
+            "--header",
+            f"Authorization: Bearer {CLIENT_KEY}",
+            "--header",
+            f"X-Forwarded-For: {FORWARDED_FOR}",
+        ]
+    started = time.monotonic()
+    usage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=deadline + 30)
+    usage_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode != 0:
+        raise RuntimeError(f"stream client failed: {done.stderr}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    if done.stderr.strip():
+        result["client_said"] = done.stderr.strip().splitlines()[:3]
+    result["wall"] = time.monotonic() - started
+    client_cpu = (usage_after.ru_utime - usage_before.ru_utime) + (
+        usage_after.ru_stime - usage_before.ru_stime
+    )
+    result["client_cpu_us_per_event"] = client_cpu / max(result["events"], 1) * 1e6
+    return result
+
+
+# ------------------------------------------------------------------------- the run
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def versions(python: str) -> dict[str, str]:
+    def output(argv: list[str]) -> str:
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+        except OSError:
+            return "?"
+        return (done.stdout + done.stderr).strip()
+
+    probe = (
+        "import sys, platform, twisted, treq, OpenSSL; from OpenSSL import SSL;"
+        "print(platform.python_implementation(), sys.version.split()[0], twisted.__version__,"
+        " treq.__version__, OpenSSL.__version__,"
+        " SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode())"
+    )
+    impl, pyver, twisted, treq, pyopenssl, *openssl = output([python, "-c", probe]).split()
+    cpu = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    debian = (
+        Path("/etc/debian_version").read_text().strip()
+        if Path("/etc/debian_version").exists()
+        else "?"
+    )
+    nginx = output([nginx_binary(), "-v"]).split("/")[-1]
+    wrk = output(["wrk", "-v"]).split()[1] if output(["wrk", "-v"]).startswith("wrk") else "?"
+    return {
+        "machine": f"{cpu}, {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // 2**30} GiB",
+        "os": f"Debian {debian}, Linux {platform.release()}",
+        "gateway": f"{impl} {pyver}, Twisted {twisted}, treq {treq}, pyOpenSSL {pyopenssl}, {' '.join(openssl)}",
+        "tools": f"nginx {nginx}, wrk {wrk}, {output(['gcc', '-dumpfullversion'])} gcc",
+    }
+
+
+def run_limiter_bench(python: str, gateway_path: str) -> dict[str, Any]:
+    """bench/limiter.py, as it is, and its figures."""
+    done = subprocess.run(
+        [python, str(LIMITER_PY)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=gateway_path or str(ROOT)),
+    )
+    text = done.stdout
+    figures: dict[str, Any] = {"raw": text}
+    match = re.search(r"decide, 1,000,000 distinct clients\s+([\d,]+) /s", text)
+    figures["decisions_per_s"] = float(match.group(1).replace(",", "")) if match else None
+    match = re.search(r"decide, one client with \d+ counted, 1 per second\s+([\d,]+) /s", text)
+    figures["decisions_per_s_busy"] = float(match.group(1).replace(",", "")) if match else None
+    match = re.search(r"bytes per client\s+([\d.]+)", text)
+    figures["bytes_per_client"] = float(match.group(1)) if match else None
+    return figures
+
+
+@contextmanager
+def bench_processes(workdir: Path) -> Iterator[Processes]:
+    processes = Processes(workdir)
+
+    def on_signal(signum: int, frame: object) -> None:
+        raise SystemExit(f"bench: stopped by signal {signum}")
+
+    previous = {
+        s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    }
+    try:
+        yield processes
+    finally:
+        processes.stop_all()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def start_gateway(
+    processes: Processes,
+    args: argparse.Namespace,
+    workdir: Path,
+    name: str,
+    label: str,
+    upstream: int,
+    rate_limit: int,
+    path: str | None = None,
+) -> System:
+    port = free_port()
+    env = dict(os.environ)
+    path = args.gateway_path if path is None else path
+    if path:
+        env["PYTHONPATH"] = path
+    argv = gateway_argv(args.gateway_python, workdir, name, port, upstream, rate_limit)
+    process = processes.start(name, argv, env)
+    system = System(name, label, f"http://127.0.0.1:{port}/v1/chat/completions", process, True)
+    wait_for_port(port, process, processes)
+    wait_for_workers(system)
+    return system
+
+
+def http_section(
+    processes: Processes, args: argparse.Namespace, workdir: Path, results: dict[str, Any]
+) -> None:
+    tls = workdir / "tls"
+    nginx_port = free_port()
+    conf = write_nginx_conf(workdir, nginx_port, tls)
+    nginx = processes.start("nginx", [nginx_binary(), "-p", str(workdir), "-c", str(conf)])
+    wait_for_port(nginx_port, nginx, processes)
+    direct = System(
+        "direct",
+        "direct (nginx, HTTPS)",
+        f"https://127.0.0.1:{nginx_port}/v1/chat/completions",
+        nginx,
+        False,
+    )
+    direct.refresh_pids()
+
+    gateway = start_gateway(processes, args, workdir, "gateway", "gateway", nginx_port, 100_000_000)
+    nolimit = start_gateway(
+        processes, args, workdir, "gateway-nolimit", "gateway, limiter off", nginx_port, 0
+    )
+
+    compared = [
+        start_gateway(
+            processes,
+            args,
+            workdir,
+            f"gateway-compare-{n}",
+            f"gateway from {path}",
+            nginx_port,
+            100_000_000,
+            str(path),
+        )
+        for n, path in enumerate(args.compare, 1)
+    ]
+
+    floor_port = free_port()
+    floor = processes.start(
+        "floor",
+        [
+            args.gateway_python,
+            str(args.floor),
+            str(floor_port),
+            f"https://127.0.0.1:{nginx_port}/v1/chat/completions",
+            str(tls / "ca.pem"),
+            "2",
+        ],
+    )
+    wait_for_port(floor_port, floor, processes)
+    floor_system = System(
+        "floor",
+        "floor (floor.py)",
+        f"http://127.0.0.1:{floor_port}/v1/chat/completions",
+        floor,
+        False,
+    )
+    time.sleep(1.0)  # let every worker finish importing before idle RSS is read
+    for system in (gateway, nolimit, floor_system, *compared):
+        system.refresh_pids()
+
+    idle = {
+        "gateway_workers_kb": [rss_kb(pid) for pid in gateway_workers(gateway)],
+        "gateway_parent_kb": rss_kb(gateway.process.pid),
+        "floor_workers_kb": [rss_kb(pid) for pid in floor_system.pids if pid != floor.pid],
+    }
+    results["idle_rss"] = idle
+
+    systems = [direct, gateway, nolimit, floor_system, *compared]
+    for system in systems:
+        check_reply(system, tls, expect_gateway=system.key.startswith("gateway"))
+    say("bench: warming up")
+    for system in systems:
+        run_wrk(system, 50, args.warmup, processes)
+        system.refresh_pids()
+
+    runs: dict[str, dict[int, list[dict[str, Any]]]] = {s.key: {1: [], 50: []} for s in systems}
+    for round_number in range(args.rounds):
+        order = systems[round_number % len(systems) :] + systems[: round_number % len(systems)]
+        for system in order:
+            for conns in (1, 50):
+                seconds = args.seconds_1 if conns == 1 else args.seconds_50
+                result = run_wrk(system, conns, seconds, processes)
+                runs[system.key][conns].append(result)
+                say(
+                    f"bench: round {round_number + 1} {system.label:<22} c={conns:<3}"
+                    f" {result['rps']:>9,.0f} req/s  p50 {result['p50_us'] / 1000:.3f} ms"
+                    f"  p99 {result['p99_us'] / 1000:.3f} ms  errors {result['errors']}"
+                    f"  busiest worker {result['busiest_worker_share'] or 0:.0%}"
+                    f"  (others on the machine: {result['foreign_cores']:.2f} cores)"
+                )
+    results["http"] = {
+        "labels": {s.key: s.label for s in systems},
+        "runs": runs,
+    }
+    results["gateway_after_rss_kb"] = [rss_kb(pid) for pid in gateway_workers(gateway)]
+    for system in (*compared, floor_system, nolimit, gateway):
+        processes.stop(system.process)
+    processes.stop(nginx)
+
+
+def streams_section(
+    processes: Processes, args: argparse.Namespace, workdir: Path, results: dict[str, Any]
+) -> None:
+    sse = build_sse(workdir)
+    tls = workdir / "tls"
+    source_port = free_port()
+    source = processes.start(
+        "sse-source",
+        [
+            sse,
+            "serve",
+            str(source_port),
+            str(tls / "server.pem"),
+            str(tls / "server.key"),
+            "64",
+            "20",
+        ],
+    )
+    wait_for_port(source_port, source, processes)
+    source_pids = [source.pid]
+    out: dict[str, Any] = {}
+    tests = [
+        (
+            "i",
+            dict(
+                conns=args.rate_streams,
+                streams=args.rate_rounds,
+                chunks=64,
+                interval_ms=20.0,
+                ramp=1.0,
+            ),
+        ),
+        (
+            "ii",
+            dict(
+                conns=args.open_streams,
+                streams=1,
+                chunks=30,
+                interval_ms=1000.0,
+                ramp=args.open_ramp,
+            ),
+        ),
+    ]
+    for name, shape in tests:
+        if name not in args.stream_tests.split(","):
+            continue
+        gateway = start_gateway(
+            processes, args, workdir, f"gateway-sse-{name}", "gateway", source_port, 100_000_000
+        )
+        time.sleep(0.5)
+        gateway.refresh_pids()
+        idle_kb = sum(rss_kb(pid) for pid in gateway.pids)
+        idle_each = [rss_kb(pid) for pid in gateway.pids]
+        say(f"bench: streams ({name}) direct: {shape}")
+        source_cpu = cpu_seconds(source_pids)
+        with ForeignLoad(processes) as foreign:
+            direct = run_streams(sse, source_port, tls=True, **shape)  # type: ignore[arg-type]
+        direct["foreign_cores"] = foreign.cores
+        direct["source_cpu_us_per_event"] = (
+            (cpu_seconds(source_pids) - source_cpu) / max(direct["events"], 1) * 1e6
+        )
+        say(f"bench: streams ({name}) direct: {summary_line(direct)}")
+        gateway_port = int(gateway.url.rsplit(":", 1)[1].split("/", 1)[0])
+        say(f"bench: streams ({name}) through the gateway")
+        cpu_before = cpu_seconds(gateway.pids)
+        parent_before = cpu_seconds([gateway.process.pid])
+        with RssSampler(gateway.pids) as sampler, ForeignLoad(processes) as foreign:
+            via = run_streams(sse, gateway_port, tls=False, **shape)  # type: ignore[arg-type]
+        via["foreign_cores"] = foreign.cores
+        cpu = cpu_seconds(gateway.pids) - cpu_before
+        via["gateway_cpu_us_per_event"] = cpu / max(via["events"], 1) * 1e6
+        via["gateway_parent_cpu_us_per_event"] = (
+            (cpu_seconds([gateway.process.pid]) - parent_before) / max(via["events"], 1) * 1e6
+        )
+        via["gateway_cpu_cores"] = cpu / via["wall"]
+        via["idle_rss_kb"] = idle_kb
+        via["idle_rss_each_kb"] = idle_each
+        via["peak_rss_kb"] = sampler.peak
+        via["peak_rss_each_kb"] = sampler.peak_each
+        via["rss_per_stream_kb"] = (sampler.peak - idle_kb) / max(via["peak_open"], 1)
+        say(f"bench: streams ({name}) gateway: {summary_line(via)}")
+        out[name] = {"shape": shape, "direct": direct, "gateway": via}
+        processes.stop(gateway.process)
+    processes.stop(source)
+    results["streams"] = out
+
+
+def summary_line(r: dict[str, Any]) -> str:
+    return (
+        f"{r['streams_ok']}/{r['streams_expected']} ok, lost {r['lost']}, stalls {r['stalls']},"
+        f" latency p50 {r['lat_p50_ms']:.2f} p99 {r['lat_p99_ms']:.2f} max {r['lat_max_ms']:.1f} ms"
+    )
+
+
+# --------------------------------------------------------------------------- report
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    if value is None or value != value:
+        return "n/a"
+    return f"{value:,.{digits}f}"
+
+
+def verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("**met**" if ok else "**missed**")
+
+
+def report(results: dict[str, Any], args: argparse.Namespace) -> str:
+    lines: list[str] = []
+    add = lines.append
+    v = results["versions"]
+    add(f"Measured {results['date']} with `{results['command']}` ({results['seconds']:.0f} s).")
+    add("")
+    add(f"- Machine: {v['machine']}; {v['os']}; file limit {results['file_limit']}")
+    add(f"- Gateway: {v['gateway']}")
+    add(f"- Stand-ins: {v['tools']}; bench/sse.c for streams")
+    add("")
+    targets: list[tuple[str, str, str, bool | None]] = []
+
+    http = results.get("http")
+    if http:
+        runs, labels = http["runs"], http["labels"]
+        add(
+            f"### Requests (wrk, one thread, POST /v1/chat/completions; median of {args.rounds} interleaved rounds of "
+            f"{args.seconds_1:g} s at 1 connection and {args.seconds_50:g} s at 50)"
+        )
+        add("")
+        add(
+            "| system | conns | req/s (median) | req/s (range) | p50 ms | p99 ms | CPU µs/req (all its processes) | of which parent | busiest worker | errors |"
+        )
+        add("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        med: dict[tuple[str, int], dict[str, Any]] = {}
+        for conns in (1, 50):
+            for key in runs:
+                rs = runs[key][str(conns)] if str(conns) in runs[key] else runs[key][conns]
+                shares = [r["busiest_worker_share"] for r in rs if r.get("busiest_worker_share")]
+                m = {
+                    "rps": median([r["rps"] for r in rs]),
+                    "low": min(r["rps"] for r in rs),
+                    "high": max(r["rps"] for r in rs),
+                    "p50": median([r["p50_us"] / 1000 for r in rs]),
+                    "p99": median([r["p99_us"] / 1000 for r in rs]),
+                    "cpu": median([r["cpu_us_per_request"] for r in rs]),
+                    "parent": median([r["parent_cpu_us_per_request"] for r in rs])
+                    if rs[0]["parent_cpu_us_per_request"] is not None
+                    else None,
+                    "busiest": median(shares) if shares and conns > 1 else None,
+                    "errors": sum(r["errors"] for r in rs),
+                    "runs": rs,
+                }
+                med[(key, conns)] = m
+                busiest = f"{m['busiest']:.0%}" if m["busiest"] else ""
+                add(
+                    f"| {labels[key]} | {conns} | {fmt(m['rps'], 0)} | {fmt(m['low'], 0)}–{fmt(m['high'], 0)} | "
+                    f"{fmt(m['p50'], 3)} | {fmt(m['p99'], 3)} | {fmt(m['cpu'], 0)} | {fmt(m['parent'], 0)} | "
+                    f"{busiest} | {m['errors']} |"
+                )
+        add("")
+
+        def per_round(
+            a: str, b: str, conns: int, f: Callable[[dict[str, Any], dict[str, Any]], float]
+        ) -> float:
+            """The median over rounds of f(a's run, b's run): each pair ran minutes apart at most."""
+            return median(
+                [
+                    f(x, y)
+                    for x, y in zip(med[(a, conns)]["runs"], med[(b, conns)]["runs"], strict=True)
+                ]
+            )
+
+        ratio = per_round("gateway", "floor", 50, lambda g, f: g["rps"] / f["rps"])
+        added50 = per_round("gateway", "direct", 1, lambda g, d: (g["p50_us"] - d["p50_us"]) / 1000)
+        added99 = per_round("gateway", "direct", 1, lambda g, d: (g["p99_us"] - d["p99_us"]) / 1000)
+        floor_added50 = per_round(
+            "floor", "direct", 1, lambda g, d: (g["p50_us"] - d["p50_us"]) / 1000
+        )
+        floor_added99 = per_round(
+            "floor", "direct", 1, lambda g, d: (g["p99_us"] - d["p99_us"]) / 1000
+        )
+        on, off = med[("gateway", 50)], med[("gateway-nolimit", 50)]
+        share_cpu = per_round(
+            "gateway",
+            "gateway-nolimit",
+            50,
+            lambda a, b: 1 - b["cpu_us_per_request"] / a["cpu_us_per_request"],
+        )
+        share_rps = per_round(
+            "gateway", "gateway-nolimit", 50, lambda a, b: 1 - a["rps"] / b["rps"]
+        )
+        limiter_added50 = per_round(
+            "gateway", "gateway-nolimit", 1, lambda a, b: (a["p50_us"] - b["p50_us"]) / 1000
+        )
+        add(
+            f"- Gateway ÷ floor at 50 connections: **{ratio:.2f}×** (median of the per-round ratios; "
+            f"medians {fmt(on['rps'], 0)} vs {fmt(med[('floor', 50)]['rps'], 0)} req/s)"
+        )
+        add(
+            f"- Added latency over direct at 1 connection: p50 **{added50:+.3f} ms**, p99 **{added99:+.3f} ms** "
+            f"(the floor adds {floor_added50:+.3f} / {floor_added99:+.3f} ms)"
+        )
+        add(
+            f"- The cross-worker limiter's share of request cost at 50 connections: {share_cpu:.0%} of the "
+            f"gateway's CPU per request ({fmt(on['cpu'], 0)} vs {fmt(off['cpu'], 0)} µs with `--rate-limit 0`), "
+            f"{share_rps:.0%} of its throughput; at 1 connection it adds {limiter_added50:+.3f} ms to p50"
+        )
+        add("")
+        results["derived"] = {
+            "ratio": ratio,
+            "added_p50_ms": added50,
+            "added_p99_ms": added99,
+            "limiter_share_cpu": share_cpu,
+            "limiter_share_rps": share_rps,
+            "limiter_added_p50_ms": limiter_added50,
+        }
+        targets += [
+            (
+                "throughput at 50 connections, gateway ÷ floor",
+                f"{ratio:.2f}×",
+                f"≥ {TARGET_RATIO}×",
+                ratio >= TARGET_RATIO,
+            ),
+            (
+                "added latency at 1 connection, p50",
+                f"{added50:.3f} ms",
+                f"≤ {TARGET_ADDED_P50_MS} ms",
+                added50 <= TARGET_ADDED_P50_MS,
+            ),
+            (
+                "added latency at 1 connection, p99",
+                f"{added99:.3f} ms",
+                f"≤ {TARGET_ADDED_P99_MS} ms",
+                added99 <= TARGET_ADDED_P99_MS,
+            ),
+        ]
+
+    streams = results.get("streams")
+    if streams:
+        add("### Streams (paced SSE source over HTTPS; each test direct first)")
+        add("")
+        add(
+            "| test | path | streams ok / run | events | lost | stalls | max gap ms | latency p50 / p90 / p99 / max ms | added p50 / p99 ms | gateway CPU µs/event | RSS KB/open stream |"
+        )
+        add("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        names = {
+            "i": "(i) {conns} × {chunks} events, {interval_ms:g} ms apart",
+            "ii": "(ii) {conns} open × {chunks} events, {interval_ms:g} ms apart",
+        }
+        for name, test in streams.items():
+            shape = test["shape"]
+            title = names[name].format(**shape)
+            d, g = test["direct"], test["gateway"]
+            add50 = g["lat_p50_ms"] - d["lat_p50_ms"]
+            add99 = g["lat_p99_ms"] - d["lat_p99_ms"]
+            for path, r in (("direct", d), ("gateway", g)):
+                added = f"{add50:+.2f} / {add99:+.2f}" if path == "gateway" else ""
+                cpu = fmt(r.get("gateway_cpu_us_per_event"), 1) if path == "gateway" else ""
+                rss = fmt(r.get("rss_per_stream_kb"), 1) if path == "gateway" else ""
+                add(
+                    f"| {title} | {path} | {r['streams_ok']:,} / {r['streams_expected']:,} | "
+                    f"{r['events']:,} / {r['events_expected']:,} | {r['lost']} | {r['stalls']} | "
+                    f"{r['max_gap_ms']:.1f} | {r['lat_p50_ms']:.2f} / {r['lat_p90_ms']:.2f} / "
+                    f"{r['lat_p99_ms']:.2f} / {r['lat_max_ms']:.1f} | {added} | {cpu} | {rss} |"
+                )
+            failed = g["streams_failed"]
+            if name == "i":
+                targets += [
+                    ("(i) lost events", str(g["lost"]), "0", g["lost"] == 0),
+                    ("(i) stalls", str(g["stalls"]), "0", g["stalls"] == 0),
+                    (
+                        "(i) added per-event latency, p99",
+                        f"{add99:.2f} ms",
+                        f"≤ {TARGET_STREAM_P99_MS:g} ms",
+                        add99 <= TARGET_STREAM_P99_MS,
+                    ),
+                    (
+                        "(i) gateway CPU per event",
+                        f"{g['gateway_cpu_us_per_event']:.1f} µs",
+                        f"≤ {TARGET_CPU_PER_CHUNK_US:g} µs",
+                        g["gateway_cpu_us_per_event"] <= TARGET_CPU_PER_CHUNK_US,
+                    ),
+                ]
+            else:
+                targets += [
+                    (
+                        "(ii) failed streams / lost events",
+                        f"{failed} / {g['lost']}",
+                        "0 / 0",
+                        failed == 0 and g["lost"] == 0,
+                    ),
+                    ("(ii) stalls", str(g["stalls"]), "0", g["stalls"] == 0),
+                    (
+                        "(ii) RSS per open stream",
+                        f"{g['rss_per_stream_kb']:.1f} KB",
+                        f"≤ {TARGET_RSS_PER_STREAM_KB:g} KB",
+                        g["rss_per_stream_kb"] <= TARGET_RSS_PER_STREAM_KB,
+                    ),
+                ]
+        add("")
+        for name, test in streams.items():
+            d, g = test["direct"], test["gateway"]
+            add(
+                f"- ({name}) gateway: {g['gateway_cpu_cores']:.2f} cores busy "
+                f"(parent {g['gateway_parent_cpu_us_per_event']:.1f} µs/event), peak {g['peak_open']:,} open streams, "
+                f"RSS {g['idle_rss_kb'] / 1024:.1f} → {g['peak_rss_kb'] / 1024:.1f} MB "
+                f"(per process {', '.join(f'{k / 1024:.1f}' for k in g['peak_rss_each_kb'])} MB); "
+                f"load generator {d['client_cpu_us_per_event']:.1f} / {g['client_cpu_us_per_event']:.1f} µs/event "
+                f"(direct / gateway), source {d['source_cpu_us_per_event']:.1f} µs/event; other processes "
+                f"{d['foreign_cores']:.2f} / {g['foreign_cores']:.2f} cores"
+            )
+        add("")
+
+    idle = results.get("idle_rss")
+    limiter = results.get("limiter")
+    add("### Memory and the limiter")
+    add("")
+    if idle:
+        workers = idle["gateway_workers_kb"]
+        add(
+            f"- Idle RSS per gateway worker: {', '.join(f'{k / 1024:.1f}' for k in workers)} MB "
+            f"(parent {idle['gateway_parent_kb'] / 1024:.1f} MB; floor workers "
+            f"{', '.join(f'{k / 1024:.1f}' for k in idle['floor_workers_kb'])} MB); after the request runs "
+            f"{', '.join(f'{k / 1024:.1f}' for k in results.get('gateway_after_rss_kb', []))} MB"
+        )
+        worst = max(workers) / 1024
+        targets.append(
+            (
+                "idle RSS per worker",
+                f"{worst:.1f} MB",
+                f"≤ {TARGET_IDLE_RSS_MB:g} MB",
+                worst <= TARGET_IDLE_RSS_MB,
+            )
+        )
+    if limiter:
+        add(
+            f"- Limiter (bench/limiter.py, in-process `decide`): {fmt(limiter['decisions_per_s'], 0)} decisions/s "
+            f"over 1,000,000 distinct clients, {fmt(limiter['decisions_per_s_busy'], 0)}/s for one client with "
+            f"1,000 counted; {fmt(limiter['bytes_per_client'], 1)} bytes per tracked client after 1,000,000 "
+            f"distinct clients (key string included)"
+        )
+        b = limiter["bytes_per_client"]
+        targets.append(
+            (
+                "limiter bytes per tracked client",
+                f"{fmt(b, 1)} B",
+                f"≤ {TARGET_LIMITER_BYTES:g} B",
+                None if b is None else b <= TARGET_LIMITER_BYTES,
+            )
+        )
+    add("")
+    add("### Targets")
+    add("")
+    add("| target | measured | goal | |")
+    add("|---|---:|---:|---|")
+    for name, measured, goal, ok in targets:
+        add(f"| {name} | {measured} | {goal} | {verdict(ok)} |")
+    return "\n".join(lines) + "\n"
+
+
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+def update_file(path: Path, table: str) -> None:
+    text = path.read_text() if path.exists() else f"{BEGIN}\n{END}\n"
+    if BEGIN not in text or END not in text:
+        text += f"\n{BEGIN}\n{END}\n"
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    path.write_text(f"{head}{BEGIN}\n{table}{END}{tail}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    default_floor = ROOT.parent / "shared" / "bench" / "floor.py"
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--floor", type=Path, default=Path(os.environ.get("BENCH_FLOOR", default_floor)))
+    p.add_argument(
+        "--gateway-python",
+        default=sys.executable,
+        help="interpreter to run the gateway with (twistd beside it)",
+    )
+    p.add_argument(
+        "--gateway-path", default="", help="PYTHONPATH for the gateway (another copy of llmgw)"
+    )
+    p.add_argument("--only", default="http,streams,limiter", help="sections to run")
+    p.add_argument(
+        "--compare",
+        type=Path,
+        action="append",
+        default=[],
+        help="also run the gateway from this source tree (a patched copy), interleaved",
+    )
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--seconds-1", type=float, default=3.0)
+    p.add_argument("--seconds-50", type=float, default=4.0)
+    p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--rate-streams", type=int, default=500)
+    p.add_argument(
+        "--rate-rounds", type=int, default=6, help="streams run back to back per connection in (i)"
+    )
+    p.add_argument("--open-streams", type=int, default=5000)
+    p.add_argument(
+        "--open-ramp",
+        type=float,
+        default=10.0,
+        help="seconds over which (ii) opens its streams (500/s: the source and client stay clean)",
+    )
+    p.add_argument("--stream-tests", default="i,ii", help="which stream tests to run")
+    p.add_argument(
+        "--update", type=Path, help="rewrite the table between the bench markers of this file"
+    )
+    p.add_argument("--json", type=Path, help="write every raw figure here")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sections = set(args.only.split(","))
+    if "http" in sections and not args.floor.exists():
+        sys.exit(f"bench: the floor is not at {args.floor} (set BENCH_FLOOR or --floor)")
+    ensure_tools()
+    file_limit = raise_file_limit()
+    if file_limit < args.open_streams * 2 + 1000:
+        say(f"bench: the file limit is {file_limit}; (ii) may fail for want of descriptors")
+    started = time.monotonic()
+    results: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join(
+            ["bench/run.py", *(argv if argv is not None else sys.argv[1:])]
+        ).strip(),
+        "file_limit": file_limit,
+        "versions": versions(args.gateway_python),
+    }
+    with tempfile.TemporaryDirectory(prefix="llmgw-bench-") as tmp:
+        workdir = Path(tmp)
+        subprocess.run(
+            [sys.executable, "-m", "llmgw.devtls", str(workdir / "tls")],
+            check=True,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+        )
+        try:
+            with bench_processes(workdir) as processes:
+                results["foreign_at_start"] = wait_for_quiet(processes)
+                if "http" in sections:
+                    http_section(processes, args, workdir, results)
+                if "streams" in sections:
+                    streams_section(processes, args, workdir, results)
+        except Exception:
+            for log in sorted(workdir.glob("*.log")):
+                if log.stat().st_size and not log.name.endswith("access.log"):
+                    say(f"--- {log.name} (last lines)")
+                    say("\n".join(log.read_text(errors="replace").splitlines()[-15:]))
+            raise
+    if "limiter" in sections:
+        say("bench: bench/limiter.py (about a minute)")
+        results["limiter"] = run_limiter_bench(args.gateway_python, args.gateway_path)
+    results["seconds"] = time.monotonic() - started
+    table = report(results, args)
+    print(table)
+    if args.update:
+        update_file(args.update, table)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
