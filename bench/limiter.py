@@ -63,13 +63,13 @@ def main() -> None:
     started = time.perf_counter()
     for _ in range(requests):
         clock.advance(0.001)
-        limiter.decide("10.0.0.1")
+        limiter.decide("203.0.113.1")
     seconds = time.perf_counter() - started
     report(f"decide, one client at {LIMIT} per {WINDOW} s (mostly refused)", requests, seconds)
     started = time.perf_counter()
     for _ in range(requests):
         clock.advance(1)
-        limiter.decide("10.0.0.1")
+        limiter.decide("203.0.113.1")
     seconds = time.perf_counter() - started
     report(f"decide, one client with {LIMIT} counted, 1 per second", requests, seconds)
 

@@ -11,16 +11,16 @@ from twisted.web.http_headers import Headers
 
 from llmgw.clients import ClientAddressPolicy
 
-PROXY = "10.0.0.1"
+PROXY = "192.0.2.1"
 CLIENT = "203.0.113.9"
 TRUSTING = ClientAddressPolicy(
-    trusted_proxies=(ip_network("10.0.0.0/8"), ip_network("2001:db8:ffff::/48"))
+    trusted_proxies=(ip_network("192.0.2.0/24"), ip_network("2001:db8:ffff::/48"))
 )
 
 # What a client can put in a header: raw bytes, and runs of the characters that
 # mean something in these headers, so that open quotes and escapes are common.
 # Line breaks would end the header on the wire.
-MEANINGFUL = rb'" \ , ; = for= [ ] : % _x unknown 198.51.100.1 10.0.0.2 2001:db8::1 ::ffff:'
+MEANINGFUL = rb'" \ , ; = for= [ ] : % _x unknown 198.51.100.1 192.0.2.2 2001:db8::1 ::ffff:'
 header_bytes = st.one_of(
     st.binary(max_size=100),
     st.lists(st.sampled_from([b" ", *MEANINGFUL.split()]), max_size=20).map(b"".join),
@@ -97,14 +97,14 @@ class TrustedProxyTests(SynchronousTestCase):
 
     def test_trusted_ipv6_and_mapped_peers(self) -> None:
         self.assertEqual(self.key("2001:db8:ffff::1", x_forwarded_for=CLIENT), CLIENT)
-        self.assertEqual(self.key("::ffff:10.0.0.1", x_forwarded_for=CLIENT), CLIENT)
+        self.assertEqual(self.key("::ffff:192.0.2.1", x_forwarded_for=CLIENT), CLIENT)
 
     def test_trusted_peer_without_headers(self) -> None:
         self.assertEqual(self.key(), PROXY)
 
     def test_chain_of_trusted_proxies(self) -> None:
-        self.assertEqual(self.key(x_forwarded_for=f"{CLIENT}, 10.0.0.2, 10.0.0.3"), CLIENT)
-        self.assertEqual(self.key(x_forwarded_for=[CLIENT, "10.0.0.2", "10.0.0.3"]), CLIENT)
+        self.assertEqual(self.key(x_forwarded_for=f"{CLIENT}, 192.0.2.2, 192.0.2.3"), CLIENT)
+        self.assertEqual(self.key(x_forwarded_for=[CLIENT, "192.0.2.2", "192.0.2.3"]), CLIENT)
         self.assertEqual(
             self.key(forwarded=f'for={CLIENT};proto=https, for="[2001:db8:ffff::5]:8443"'),
             CLIENT,
@@ -112,13 +112,13 @@ class TrustedProxyTests(SynchronousTestCase):
 
     def test_client_cannot_prepend_itself_away(self) -> None:
         """Whatever the client claims sits left of what the first proxy saw."""
-        self.assertEqual(self.key(x_forwarded_for=f"198.51.100.1, {CLIENT}, 10.0.0.2"), CLIENT)
+        self.assertEqual(self.key(x_forwarded_for=f"198.51.100.1, {CLIENT}, 192.0.2.2"), CLIENT)
         self.assertEqual(self.key(x_forwarded_for=["198.51.100.1", CLIENT]), CLIENT)
         self.assertEqual(self.key(forwarded=f"for=198.51.100.1, for={CLIENT}"), CLIENT)
 
     def test_only_trusted_hops(self) -> None:
         """A request made by the proxies themselves is keyed by the left-most one."""
-        self.assertEqual(self.key(x_forwarded_for="10.0.0.5, 10.0.0.2"), "10.0.0.5")
+        self.assertEqual(self.key(x_forwarded_for="192.0.2.5, 192.0.2.2"), "192.0.2.5")
 
     def test_ports_and_brackets(self) -> None:
         self.assertEqual(self.key(x_forwarded_for=f"{CLIENT}:4711"), CLIENT)
@@ -128,7 +128,7 @@ class TrustedProxyTests(SynchronousTestCase):
         self.assertEqual(self.key(forwarded=f'for="{CLIENT}:4711"'), CLIENT)
 
     def test_forwarded_syntax(self) -> None:
-        self.assertEqual(self.key(forwarded=f"by=10.0.0.1;For={CLIENT};proto=http"), CLIENT)
+        self.assertEqual(self.key(forwarded=f"by=192.0.2.1;For={CLIENT};proto=http"), CLIENT)
         self.assertEqual(self.key(forwarded=f'for = "{CLIENT}" ; host=example.com'), CLIENT)
         self.assertEqual(self.key(forwarded=f"for=198.51.100.1,for={CLIENT}"), CLIENT)
 
@@ -150,7 +150,7 @@ class TrustedProxyTests(SynchronousTestCase):
         self.assertEqual(self.key(forwarded="for=unknown"), PROXY)
         self.assertEqual(self.key(forwarded=f"for={CLIENT}, for=_hidden"), PROXY)
         self.assertEqual(self.key(forwarded=f"for={CLIENT}, proto=https"), PROXY)
-        self.assertEqual(self.key(x_forwarded_for=f"{CLIENT}, garbage, 10.0.0.2"), "10.0.0.2")
+        self.assertEqual(self.key(x_forwarded_for=f"{CLIENT}, garbage, 192.0.2.2"), "192.0.2.2")
         self.assertEqual(self.key(x_forwarded_for="999.1.2.3"), PROXY)
         self.assertEqual(self.key(x_forwarded_for="[2001:db8::1"), PROXY)
         self.assertEqual(self.key(x_forwarded_for="[2001:db8::1]x"), PROXY)

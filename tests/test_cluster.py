@@ -277,7 +277,7 @@ class ConfigTransportTests(SynchronousTestCase):
         import ipaddress
 
         config = Config(
-            trusted_proxies=(ipaddress.ip_network("10.1.0.0/16"), ipaddress.ip_network("::1/128")),
+            trusted_proxies=(ipaddress.ip_network("198.51.100.0/24"), ipaddress.ip_network("::1")),
             allowed_fields=frozenset({"chat_template"}),
             workers=3,
         )

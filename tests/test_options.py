@@ -161,7 +161,7 @@ class FlagTests(SynchronousTestCase):
             "--ipv6-prefix",
             "64",
             "--trusted-proxy",
-            "10.0.0.0/8",
+            "192.0.2.0/24",
             "--allow-field",
             "chat_template",
             "--aikey-file",
@@ -191,7 +191,7 @@ class FlagTests(SynchronousTestCase):
                 rate_window=60,
                 rate_key="key",
                 ipv6_prefix=64,
-                trusted_proxies=(ipaddress.ip_network("10.0.0.0/8"),),
+                trusted_proxies=(ipaddress.ip_network("192.0.2.0/24"),),
                 allowed_fields=frozenset({"chat_template"}),
                 aikey_file=aikey,
                 api_keys_file=clients,
@@ -229,7 +229,7 @@ class FlagTests(SynchronousTestCase):
     def test_trusted_proxy_repeatable(self) -> None:
         config = parse(
             "--trusted-proxy",
-            "10.0.0.0/8",
+            "192.0.2.0/24",
             "--trusted-proxy",
             "192.0.2.7",
             "--trusted-proxy",
@@ -238,7 +238,7 @@ class FlagTests(SynchronousTestCase):
         self.assertEqual(
             config.trusted_proxies,
             (
-                ipaddress.IPv4Network("10.0.0.0/8"),
+                ipaddress.IPv4Network("192.0.2.0/24"),
                 ipaddress.IPv4Network("192.0.2.7/32"),
                 ipaddress.IPv6Network("2001:db8::/32"),
             ),
@@ -246,8 +246,8 @@ class FlagTests(SynchronousTestCase):
 
     def test_trusted_proxy_host_bits_masked(self) -> None:
         self.assertEqual(
-            parse("--trusted-proxy", "10.1.2.3/8").trusted_proxies,
-            (ipaddress.IPv4Network("10.0.0.0/8"),),
+            parse("--trusted-proxy", "192.0.2.3/24").trusted_proxies,
+            (ipaddress.IPv4Network("192.0.2.0/24"),),
         )
 
     def test_allow_field_repeatable(self) -> None:
@@ -263,7 +263,7 @@ class FlagTests(SynchronousTestCase):
 
     def test_repeatable_lists_not_shared(self) -> None:
         """A second L{Options} starts empty, not with the first one's values."""
-        parse("--trusted-proxy", "10.0.0.0/8", "--allow-field", "chat_template")
+        parse("--trusted-proxy", "192.0.2.0/24", "--allow-field", "chat_template")
         config = parse()
         self.assertEqual((config.trusted_proxies, config.allowed_fields), ((), frozenset()))
 
@@ -353,9 +353,9 @@ BAD_ARGUMENTS: dict[str, list[str]] = {
     "bindip_word": ["--bindip", "nope"],
     "bindip_empty": ["--bindip", ""],
     "bindip_out_of_range": ["--bindip", "256.0.0.1"],
-    "bindip_cidr": ["--bindip", "10.0.0.0/8"],
+    "bindip_cidr": ["--bindip", "192.0.2.0/24"],
     "trusted_proxy_word": ["--trusted-proxy", "proxy.example"],
-    "trusted_proxy_prefix_33": ["--trusted-proxy", "10.0.0.0/33"],
+    "trusted_proxy_prefix_33": ["--trusted-proxy", "192.0.2.0/33"],
     "trusted_proxy_bad_octet": ["--trusted-proxy", "300.1.1.1"],
     "trusted_proxy_ipv6_prefix_129": ["--trusted-proxy", "2001:db8::/129"],
     "trusted_proxy_empty": ["--trusted-proxy", ""],
