@@ -16,6 +16,7 @@ has lost its parent, however the parent died, and drains and exits.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
@@ -91,8 +92,6 @@ def config_to_json(config: Config) -> str:
 
 
 def config_from_json(text: str) -> Config:
-    import ipaddress
-
     values = json.loads(text)
     values["trusted_proxies"] = tuple(
         ipaddress.ip_network(network) for network in values["trusted_proxies"]
@@ -244,8 +243,6 @@ class Supervisor(Service):
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
-        if self.socket is None:
-            self.socket = bind_listening_socket(self.config)
         signal.signal(signal.SIGHUP, self._forward_hangup)
         for number in range(1, self.config.workers + 1):
             self.spawn(number)

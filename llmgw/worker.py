@@ -11,6 +11,7 @@ is gone, even if it was killed with SIGKILL.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import socket
 import sys
@@ -207,8 +208,6 @@ def serve(config: Config, colour: bool, reactor: Any) -> None:
     port = reactor.adoptStreamPort(LISTENING_FD, family, site)
     accept_a_few_at_a_time(port)
     # adoptStreamPort duplicates the descriptor; ours would keep the socket alive.
-    import os
-
     os.close(LISTENING_FD)
     signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(keys.reload))
 

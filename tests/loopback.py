@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import socket
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,21 @@ def start_gateway(
     port: IListeningPort = reactor.listenTCP(0, site, interface="127.0.0.1")
     test.addCleanup(port.stopListening)
     return Gateway(port_of(port), resource, site)
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (for a model server that is down)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_post(body: bytes, path: bytes = CHAT) -> bytes:
+    """A whole JSON POST, as bytes for a plain socket."""
+    return (
+        b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (path, len(body), body)
+    )
 
 
 def port_of(port: IListeningPort) -> int:

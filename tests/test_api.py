@@ -19,6 +19,7 @@ from tests.loopback import (
     Reply,
     chat_body,
     eventually,
+    free_port,
     gateway_config,
     inline,
     request,
@@ -209,7 +210,7 @@ class UpstreamFailureTests(HeadersMixin, TestCase):
 
     @inline
     async def test_upstream_down(self) -> None:
-        gateway = start_gateway(self, gateway_config(aihostport=closed_port(), aischeme="http"))
+        gateway = start_gateway(self, gateway_config(aihostport=free_port(), aischeme="http"))
         reply = await request(self, gateway.port, body=chat_body())
         error = self.assertError(reply, 502, "api_error", code="upstream_unreachable")
         self.assertIn("refused", str(error["message"]))
@@ -249,19 +250,10 @@ class UpstreamFailureTests(HeadersMixin, TestCase):
 
     @inline
     async def test_readyz_down(self) -> None:
-        gateway = start_gateway(self, gateway_config(aihostport=closed_port(), aischeme="http"))
+        gateway = start_gateway(self, gateway_config(aihostport=free_port(), aischeme="http"))
         reply = await request(self, gateway.port, "GET", b"/readyz")
         error = self.assertError(reply, 503, "api_error", code="upstream_unavailable")
         self.assertIn("refused", str(error["message"]))
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class RateLimitTests(HeadersMixin, TestCase):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import sys
 import time
 from typing import Any
@@ -24,7 +23,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from llmgw.cluster import Admit, ParentSide, config_from_json, config_to_json
+from llmgw.cluster import ParentSide, config_from_json, config_to_json
 from llmgw.mock import Behaviour
 from llmgw.options import Config
 from llmgw.ratelimit import Decision, SlidingWindowLimiter
@@ -33,17 +32,12 @@ from tests.loopback import (
     Upstream,
     chat_body,
     eventually,
+    free_port,
     inline,
     reactor,
     request,
     start_upstream,
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class GatewayProcess(ProcessProtocol):
@@ -334,9 +328,6 @@ class RemoteLimiterTests(SynchronousTestCase):
         clock.advance(1.0)
         self.assertEqual([d.allowed for d in decisions], [True, False])
         self.flushLoggedErrors()
-
-    def test_admit_message(self) -> None:
-        self.assertEqual(Admit.commandName, b"Admit")
 
 
 TWISTD = "from twisted.scripts.twistd import run; run()"

@@ -19,6 +19,7 @@ from llmgw.ratelimit import SlidingWindowLimiter
 from tests.loopback import (
     Gateway,
     eventually,
+    free_port,
     gateway_config,
     inline,
     start_gateway,
@@ -130,9 +131,7 @@ class OpenAISDKTests(TestCase):
 
     @inline
     async def test_upstream_outage(self) -> None:
-        from tests.test_api import closed_port
-
-        gateway = start_gateway(self, gateway_config(aihostport=closed_port(), aischeme="http"))
+        gateway = start_gateway(self, gateway_config(aihostport=free_port(), aischeme="http"))
         client = sdk(self, gateway)
         failure = None
         try:

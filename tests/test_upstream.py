@@ -22,6 +22,7 @@ from tests.loopback import (
     client,
     eventually,
     gateway_config,
+    http_post,
     inline,
     reactor,
     request,
@@ -76,10 +77,7 @@ def raw_request(test: TestCase, port: int, body: bytes, rcvbuf: int | None = Non
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     sock.connect(("127.0.0.1", port))
     test.addCleanup(sock.close)
-    sock.sendall(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
-    )
+    sock.sendall(http_post(body))
     sock.setblocking(False)
     return sock
 
@@ -213,11 +211,7 @@ class BackpressureTests(TestCase):
         sock.setblocking(False)
         self.addCleanup(sock.close)
         body = chat_body(text, stream=True)
-        await send_all(
-            sock,
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body),
-        )
+        await send_all(sock, http_post(body))
         await eventually(lambda: upstream.model.started == 1)
         (channel,) = gateway.site.channels
         transport: Any = channel.transport
