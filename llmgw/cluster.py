@@ -97,6 +97,7 @@ def config_from_json(text: str) -> Config:
         ipaddress.ip_network(network) for network in values["trusted_proxies"]
     )
     values["allowed_fields"] = frozenset(values["allowed_fields"])
+    values["upstreams"] = tuple(values["upstreams"])
     return Config(**values)
 
 

@@ -11,6 +11,7 @@ import ipaddress
 import os
 from collections.abc import Callable
 from typing import Any, ClassVar
+from urllib.parse import urlsplit
 
 import attrs
 from twisted.python import usage
@@ -48,12 +49,59 @@ class Config:
     allowed_fields: frozenset[str] = frozenset()
     aikey_file: str | None = None
     api_keys_file: str | None = None
+    upstreams: tuple[str, ...] = ()
+    """Replica origins from C{--upstream}; empty when C{--aihost} names the one model server."""
+    upstream_idle_timeout: float = 4.0
+    health_interval: float = 5.0
+    fail_timeout: float = 10.0
+    retries: int = 2
 
     @property
     def upstream_base(self) -> bytes:
         """The model server's origin, e.g. C{https://10.0.0.1:443}."""
         host = f"[{self.aihost}]" if ":" in self.aihost else self.aihost
         return f"{self.aischeme}://{host}:{self.aihostport}".encode()
+
+    @property
+    def origins(self) -> tuple[str, ...]:
+        """Every model server requests may go to: the replicas, or the one C{--aihost}."""
+        return self.upstreams or (self.upstream_base.decode(),)
+
+
+def upstream_origin(url: str) -> str:
+    """
+    The origin C{scheme://host:port} of an C{--upstream} URL, checked.
+
+    A URL with a path, a query or credentials is refused rather than trimmed:
+    requests always go to the replica's C{/v1/...}, and a key belongs in
+    C{--aikey-file}, where C{ps} cannot show it.
+    """
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    if scheme not in ("https", "http") or not parts.netloc:
+        raise ValueError("give it as https://host:port or http://host:port")
+    if parts.netloc.count(":") > 1 and "[" not in parts.netloc:
+        raise ValueError("put IPv6 addresses in brackets, as https://[::1]:8000")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("credentials do not belong in the URL; put the key in --aikey-file")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError("give the origin alone, without a path: requests go to its /v1/...")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        raise ValueError("the port is not a number from 1 to 65535") from None
+    if not host or any(c in host for c in "[]@ \t"):
+        raise ValueError("the host is missing or malformed (put IPv6 addresses in brackets)")
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError("put IPv6 addresses in brackets, as https://[::1]:8000") from None
+        host = f"[{host}]"
+    if port == 0:
+        raise ValueError("the port is not a number from 1 to 65535")
+    port = port or (443 if scheme == "https" else 80)
+    return f"{scheme}://{host}:{port}"
 
 
 def _port(value: str) -> int:
@@ -114,9 +162,9 @@ class Options(usage.Options):
     optParameters: ClassVar[list[list[Any]]] = [
         ["bindip", None, "127.0.0.1", "Address to listen on."],
         ["bindport", None, 42069, "Port to listen on.", _port],
-        ["aihost", None, "10.0.0.1", "Model server host name or address."],
-        ["aihostport", None, 443, "Model server port.", _port],
-        ["aischeme", None, "https", "Model server scheme: https or http."],
+        ["aihost", None, None, "Model server host name or address [default: 10.0.0.1]."],
+        ["aihostport", None, None, "Model server port [default: 443].", _port],
+        ["aischeme", None, None, "Model server scheme: https or http [default: https]."],
         [
             "aica",
             None,
@@ -149,6 +197,28 @@ class Options(usage.Options):
         ["ipv6-prefix", None, 56, "IPv6 clients are grouped by this prefix length.", _integer],
         ["aikey-file", None, None, "File holding the model server's API key."],
         [
+            "upstream-idle-timeout",
+            None,
+            4.0,
+            "Seconds an idle connection to a model server is kept for reuse.",
+            _seconds,
+        ],
+        [
+            "health-interval",
+            None,
+            5.0,
+            "Seconds between health checks of each --upstream replica.",
+            _seconds,
+        ],
+        [
+            "fail-timeout",
+            None,
+            10.0,
+            "Seconds a worker avoids a replica it could not connect to.",
+            _seconds,
+        ],
+        ["retries", None, 2, "Other replicas a failed request may be sent to.", _count],
+        [
             "api-keys-file",
             None,
             None,
@@ -160,6 +230,7 @@ class Options(usage.Options):
         super().__init__()  # type: ignore[no-untyped-call]
         self["trusted_proxies"] = []
         self["allowed_fields"] = []
+        self["upstreams"] = []
 
     def opt_trusted_proxy(self, cidr: str) -> None:
         """Believe X-Forwarded-For and Forwarded from peers in CIDR (repeatable)."""
@@ -172,10 +243,32 @@ class Options(usage.Options):
         """Forward this model-server-reconfiguring field (repeatable)."""
         self["allowed_fields"].append(name)
 
+    def opt_upstream(self, url: str) -> None:
+        """A model server replica, as https://host:port (repeatable; replaces --aihost)."""
+        try:
+            origin = upstream_origin(url)
+        except ValueError as e:
+            raise usage.UsageError(f"--upstream {url!r}: {e}") from None
+        if origin in self["upstreams"]:
+            raise usage.UsageError(f"--upstream {url!r} is given twice")
+        self["upstreams"].append(origin)
+
     def postOptions(self) -> None:
         self.config = self._config()
 
     def _config(self) -> Config:
+        named = [
+            f"--{flag}" for flag in ("aihost", "aihostport", "aischeme") if self[flag] is not None
+        ]
+        if named and self["upstreams"]:
+            raise usage.UsageError(
+                f"--upstream replaces {', '.join(named)}: give the model servers either as "
+                "--upstream https://host:port (repeatable) or as --aihost/--aihostport/--aischeme"
+            )
+        defaults = Config()
+        for flag in ("aihost", "aihostport", "aischeme"):
+            if self[flag] is None:
+                self[flag] = getattr(defaults, flag)
         scheme = self["aischeme"].lower()
         if scheme not in ("https", "http"):
             raise usage.UsageError(f"--aischeme must be https or http, not {self['aischeme']!r}")
@@ -239,4 +332,9 @@ class Options(usage.Options):
             allowed_fields=frozenset(self["allowed_fields"]),
             aikey_file=self["aikey-file"],
             api_keys_file=self["api-keys-file"],
+            upstreams=tuple(self["upstreams"]),
+            upstream_idle_timeout=self["upstream-idle-timeout"],
+            health_interval=self["health-interval"],
+            fail_timeout=self["fail-timeout"],
+            retries=self["retries"],
         )
