@@ -17,6 +17,7 @@ from typing import Any, cast
 import attrs
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IResponse
@@ -30,8 +31,9 @@ from llmgw.keys import KeyRing, bearer_token
 from llmgw.logs import RequestLog, peer_host
 from llmgw.options import Config
 from llmgw.ratelimit import Decision, ILimiter, rate_limit_headers
+from llmgw.routing import Lease, Replica, Router
 from llmgw.site import render_error
-from llmgw.upstream import EventStreamRelay, UpstreamClient
+from llmgw.upstream import EventStreamRelay, ReplicaUnreachable, UpstreamClient
 from llmgw.validation import validate_chat
 
 log = Logger()
@@ -66,6 +68,13 @@ def _on_disconnect(request: Request, action: Callable[[], object]) -> None:
     request.notifyFinish().addErrback(lambda _: action())
 
 
+class _Discard(Protocol):
+    """Reads a reply that will not be relayed, so its connection can be reused."""
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+
 def _respond_json(request: Request, status: int, body: bytes) -> None:
     request.setResponseCode(status)
     request.setHeader(b"Content-Type", _JSON)
@@ -87,6 +96,7 @@ class GatewayResource(Resource):
         request_log: RequestLog,
         limiter: ILimiter | None = None,
         keys: KeyRing | None = None,
+        router: Router | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.config = config
@@ -96,6 +106,9 @@ class GatewayResource(Resource):
         self.limiter = limiter
         self.keys = keys if keys is not None else KeyRing(None, None)
         self.clients = ClientAddressPolicy(config.trusted_proxies, config.ipv6_prefix)
+        self.router = (
+            router if router is not None else Router(config.origins, clock, config.fail_timeout)
+        )
         self.counters = Counters(started=clock.seconds())
         self._routes: dict[bytes, dict[bytes, Handler]] = {
             b"/v1/chat/completions": {b"POST": self.chat_completions},
@@ -161,20 +174,73 @@ class GatewayResource(Resource):
         return request.getHeader(b"authorization")
 
     async def _send(
-        self, request: Request, method: bytes, path: bytes, body: bytes | None, deadline: float
+        self,
+        request: Request,
+        method: bytes,
+        path: bytes,
+        body: bytes | None,
+        deadline: float,
+        origin: bytes | None = None,
     ) -> IResponse:
         if request._disconnected:
             raise CancelledError()
-        d = self.upstream.send(method, path, body, self._authorization(request), deadline)
+        d = self.upstream.send(method, path, body, self._authorization(request), deadline, origin)
         _on_disconnect(request, d.cancel)
         return await d
 
-    async def _relay_json(self, request: Request, response: IResponse) -> None:
-        d = self.upstream.read_json(response)
+    async def _forward(
+        self,
+        request: Request,
+        method: bytes,
+        path: bytes,
+        body: bytes | None,
+        model: str | None,
+        deadline: float,
+    ) -> tuple[IResponse, Lease]:
+        """
+        Send the request to a replica chosen for C{model}, and to another (at
+        most C{--retries} more) if that one cannot be reached or answers 503:
+        in both cases the model did no work, and nothing has been relayed yet.
+        Any other answer, error or not, is the reply.
+
+        @return: the reply whose headers arrived, and the lease that counts it
+            in flight on its replica until the caller releases it.
+        """
+        tried: list[Replica] = []
+        while True:
+            replica = self.router.choose(model, tried)
+            assert replica is not None  # tried never holds every replica here
+            tried.append(replica)
+            lease = self.router.lease(replica)
+            last_try = len(tried) > self.config.retries or len(tried) == len(self.router.replicas)
+            try:
+                response = await self._send(request, method, path, body, deadline, replica.origin)
+            except ReplicaUnreachable as e:
+                lease.release(failed=True)
+                self.router.eject(replica, e.error.message)
+                if last_try:
+                    raise e.error from None
+                continue
+            except BaseException:
+                lease.release(failed=True)
+                raise
+            if response.code == 503 and not last_try:
+                log.info("{replica} answered 503; trying another", replica=replica.name)
+                response.deliverBody(_Discard())
+                lease.release(failed=True)
+                continue
+            return response, lease
+
+    async def _relay_json(self, request: Request, response: IResponse, deadline: float) -> None:
+        d = self.upstream.read_json(response, deadline)
         _on_disconnect(request, d.cancel)
         status, body, _ = await d
         self.request_log.reply(request, status, body)
         _respond_json(request, status, body)
+
+    def _time_left(self, started: float) -> float:
+        """What is left of C{--timeout}, which bounds a whole reply that is not streamed."""
+        return self.config.timeout - (self.clock.seconds() - started)
 
     async def chat_completions(self, request: Request) -> None:
         # Validation runs while the limiter (perhaps in the parent process)
@@ -194,14 +260,21 @@ class GatewayResource(Resource):
             raise
         await admission
         self.request_log.request(request, chat.body)
-        response = await self._send(
-            request, b"POST", b"/v1/chat/completions", chat.body, self.config.timeout
+        started = self.clock.seconds()
+        response, lease = await self._forward(
+            request, b"POST", b"/v1/chat/completions", chat.body, chat.model, self.config.timeout
         )
-        content_type = response.headers.getRawHeaders(b"content-type", [b""])[0]
-        if chat.stream and response.code == 200 and content_type.startswith(_EVENT_STREAM):
-            await self._relay_stream(request, response)
-        else:
-            await self._relay_json(request, response)
+        try:
+            content_type = response.headers.getRawHeaders(b"content-type", [b""])[0]
+            if chat.stream and response.code == 200 and content_type.startswith(_EVENT_STREAM):
+                await self._relay_stream(request, response)
+            else:
+                await self._relay_json(request, response, self._time_left(started))
+        except ApiError:
+            lease.release(failed=True)
+            raise
+        finally:
+            lease.release()
 
     async def _relay_stream(self, request: Request, response: IResponse) -> None:
         request.setResponseCode(200)
@@ -217,19 +290,53 @@ class GatewayResource(Resource):
 
     async def models(self, request: Request) -> None:
         await self._admit(request)
-        response = await self._send(request, b"GET", b"/v1/models", None, self.config.timeout)
-        await self._relay_json(request, response)
+        if self.config.upstreams:
+            listing = self.router.model_listing()
+            if listing is not None:
+                body = json.dumps({"object": "list", "data": listing}).encode()
+                self.request_log.reply(request, 200, body)
+                _respond_json(request, 200, body)
+                return
+        started = self.clock.seconds()
+        response, lease = await self._forward(
+            request, b"GET", b"/v1/models", None, None, self.config.timeout
+        )
+        try:
+            await self._relay_json(request, response, self._time_left(started))
+        finally:
+            lease.release()
 
     async def healthz(self, request: Request) -> None:
         _respond_json(request, 200, _HEALTHY)
 
     async def readyz(self, request: Request) -> None:
+        if self.config.upstreams:
+            self._replicas_ready(request)
+            return
         deadline = min(self.config.timeout, _READYZ_DEADLINE)
         try:
             response = await self._send(request, b"GET", b"/v1/models", None, deadline)
-            status, _, _ = await self.upstream.read_json(response)
+            status, _, _ = await self.upstream.read_json(response, deadline)
+        except ReplicaUnreachable as e:
+            raise errors.not_ready(e.error.message) from None
         except ApiError as e:
             raise errors.not_ready(e.message) from None
         if status != 200:
             raise errors.not_ready(f"the model server answered {status} to /v1/models.")
         _respond_json(request, 200, _READY)
+
+    def _replicas_ready(self, request: Request) -> None:
+        """Ready while the parent's checks find at least one replica up."""
+        states = [
+            {"upstream": replica.name, "state": _state(replica)} for replica in self.router.replicas
+        ]
+        if not any(replica.checked and replica.up for replica in self.router.replicas):
+            summary = ", ".join(f"{state['upstream']} {state['state']}" for state in states)
+            raise errors.not_ready(f"no model server is up ({summary}).")
+        _respond_json(request, 200, json.dumps({"status": "ready", "upstreams": states}).encode())
+
+
+def _state(replica: Replica) -> str:
+    if not replica.checked:
+        return "unchecked"
+    return "up" if replica.up else "down"

@@ -35,8 +35,10 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
+from llmgw.health import HealthChecker, Models, encode_models, state_name
 from llmgw.options import Config
 from llmgw.ratelimit import SlidingWindowLimiter
+from llmgw.routing import COUNTS
 
 log = Logger()
 
@@ -73,7 +75,19 @@ class WorkerStats(amp.Command):
         (b"refused", amp.Integer()),
         (b"upstream_errors", amp.Integer()),
         (b"uptime", amp.Float()),
+        (b"replicas", amp.Unicode()),
     ]
+
+
+class ReplicaState(amp.Command):
+    """Parent → worker: the health checks' latest verdict on one C{--upstream} replica."""
+
+    arguments: ClassVar = [
+        (b"upstream", amp.Unicode()),
+        (b"up", amp.Boolean()),
+        (b"models", amp.Unicode()),
+    ]
+    response: ClassVar = []
 
 
 class SetVerbose(amp.Command):
@@ -188,6 +202,15 @@ class WorkerProcess(ProcessProtocol):
         assert self.transport is not None
         self.pid = self.transport.pid
         self.amp.makeConnection(_ChildStdin(self.transport))
+        for upstream, up, models in self.supervisor.replica_states():
+            self.tell_replica_state(upstream, up, models)
+
+    def tell_replica_state(self, upstream: str, up: bool, models: Models | None) -> None:
+        """Pass on a health verdict; a worker that is gone will get them all when it respawns."""
+        d = self.amp.callRemote(  # type: ignore[no-untyped-call]
+            ReplicaState, upstream=upstream, up=up, models=encode_models(models)
+        )
+        d.addErrback(lambda _: None)
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if childFD == 1:
@@ -233,6 +256,7 @@ class Supervisor(Service):
             else None
         )
         self.workers: dict[int, WorkerProcess] = {}
+        self.health: HealthChecker | None = None
         self.socket: socket.socket | None = None
         self._backoff: dict[int, float] = {}
         self._restarts: dict[int, IDelayedCall] = {}
@@ -324,17 +348,35 @@ class Supervisor(Service):
         d: Deferred[Any] = defer.gatherResults([w.ended for w in workers])
         return d.addCallback(all_ended)
 
+    def replica_states(self) -> list[tuple[str, bool, Models | None]]:
+        """The health checks' verdicts so far (none without C{--upstream})."""
+        return [] if self.health is None else self.health.states()
+
+    def replica_state_changed(self, upstream: str, up: bool, models: Models | None) -> None:
+        """A health check changed its verdict: tell every worker now."""
+        for worker in list(self.workers.values()):
+            worker.tell_replica_state(upstream, up, models)
+
     async def stats(self) -> dict[str, Any]:
-        """Every worker's counters, and the limiter's tracked clients."""
+        """Every worker's counters, the replicas' totals, and the limiter's tracked clients."""
         rows = []
+        replicas: dict[str, dict[str, Any]] = {}
         for number, worker in sorted(self.workers.items()):
             try:
                 answer = await worker.amp.callRemote(WorkerStats)  # type: ignore[no-untyped-call]
             except Exception:
                 continue
+            for row in json.loads(answer.pop("replicas")):
+                total = replicas.setdefault(row["upstream"], dict.fromkeys(COUNTS, 0))
+                for count in COUNTS:
+                    total[count] += row[count]
             rows.append({"worker": number, "pid": worker.pid, **answer})
+        replica_rows = [
+            {"upstream": name, "state": state_name(self.health, name), **counts}
+            for name, counts in replicas.items()
+        ]
         tracked = 0 if self.limiter is None else len(self.limiter)
-        return {"workers": rows, "tracked_clients": tracked}
+        return {"workers": rows, "tracked_clients": tracked, "replicas": replica_rows}
 
     async def set_verbose(self, on: bool) -> None:
         for worker in list(self.workers.values()):

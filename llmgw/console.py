@@ -69,7 +69,7 @@ commands:
   clear           clear the screen
   exit, quit      shut the gateway down (Ctrl-D too)
   help            list the commands
-  stats           requests per worker, and the clients the limiter tracks
+  stats           requests per worker and model server, and the clients the limiter tracks
   verbose on|off  switch verbose logging in every worker
 """
 
@@ -83,6 +83,13 @@ _STATS_COLUMNS = (
     ("uptime", "uptime"),
 )
 _SUMMED = ("served", "in_flight", "refused", "upstream_errors")
+_REPLICA_COLUMNS = (
+    ("upstream", "upstream"),
+    ("state", "state"),
+    ("in flight", "in_flight"),
+    ("served", "served"),
+    ("failures", "failures"),
+)
 
 
 class ConsoleCommands(Protocol):
@@ -92,7 +99,8 @@ class ConsoleCommands(Protocol):
         """
         Fire with C{{"workers": [{"worker": 1, "pid": 123, "served": 10,
         "in_flight": 0, "refused": 2, "upstream_errors": 0, "uptime": 12.5},
-        ...], "tracked_clients": 42}}.
+        ...], "tracked_clients": 42, "replicas": [{"upstream": "https://a:8000",
+        "state": "up", "in_flight": 1, "served": 7, "failures": 0}, ...]}}.
         """
 
     def set_verbose(self, on: bool) -> Deferred[None]:
@@ -137,12 +145,24 @@ def format_stats(stats: dict[str, Any]) -> str:
     }
     rows.append([str(totals[key]) if key in totals else "" for _, key in _STATS_COLUMNS])
     rows[-1][0] = "total"
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_STATS_COLUMNS))]
+    replicas = [
+        [str(replica.get(key, "-")) for _, key in _REPLICA_COLUMNS]
+        for replica in stats.get("replicas") or []
+    ]
+    table = _aligned(rows)
+    if replicas:
+        table += _aligned([[label for label, _ in _REPLICA_COLUMNS], *replicas])
+    return table + footer
+
+
+def _aligned(rows: list[list[str]]) -> str:
+    """Right-aligned columns, two spaces apart."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [
         "  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
         for row in rows
     ]
-    return "\n".join(lines) + "\n" + footer
+    return "\n".join(lines) + "\n"
 
 
 def terminal_columns(stream: TextIO) -> int:

@@ -24,6 +24,9 @@ from twisted.logger import Logger
 
 log = Logger()
 
+#: What each worker counts per replica; the parent sums them.
+COUNTS = ("in_flight", "served", "failures")
+
 
 @attrs.define(eq=False)
 class Replica:
@@ -34,6 +37,7 @@ class Replica:
         is safe in logs, the console and metrics.
     @ivar up: the parent's verdict from its health checks; a replica is up until
         a check says otherwise, so that a worker serves before the first check.
+    @ivar checked: whether any verdict has arrived (C{/readyz} waits for one).
     @ivar models: what its C{GET /v1/models} listed (the entries as sent), or
         L{None} while no check has read it.
     @ivar ejected_until: clock time until which this worker avoids it, after it
@@ -42,11 +46,14 @@ class Replica:
 
     name: str
     up: bool = True
+    checked: bool = False
     models: tuple[dict[str, Any], ...] | None = None
     ejected_until: float = 0.0
     in_flight: int = 0
     served: int = 0
+    """Requests that ended on it, whatever their outcome."""
     failures: int = 0
+    """Requests it failed: could not be reached, answered 503, broke or timed out."""
 
     @property
     def origin(self) -> bytes:
@@ -72,11 +79,14 @@ class Lease:
         self._released = False
         replica.in_flight += 1
 
-    def release(self) -> None:
+    def release(self, failed: bool = False) -> None:
+        """The request ended; C{failed} if the replica is why it failed."""
         if not self._released:
             self._released = True
             self.replica.in_flight -= 1
             self.replica.served += 1
+            if failed:
+                self.replica.failures += 1
 
 
 class Router:
@@ -134,7 +144,6 @@ class Router:
 
     def eject(self, replica: Replica, why: str) -> None:
         """This worker could not connect to C{replica}: avoid it for a while."""
-        replica.failures += 1
         if self.clock.seconds() >= replica.ejected_until:
             log.warn(
                 "Avoiding {replica} for {seconds:g}s: {why}",
@@ -156,10 +165,18 @@ class Router:
         if replica is None:
             return
         replica.up = up
+        replica.checked = True
         if models is not None:
             replica.models = models
         if up:
             replica.ejected_until = 0.0
+
+    def counts(self) -> list[dict[str, Any]]:
+        """Each replica's counts, for the console's C{stats} (summed over workers)."""
+        return [
+            {"upstream": replica.name, **{count: getattr(replica, count) for count in COUNTS}}
+            for replica in self.replicas
+        ]
 
     def model_listing(self) -> list[dict[str, Any]] | None:
         """

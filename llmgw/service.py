@@ -23,6 +23,7 @@ from twisted.logger import Logger
 
 from llmgw.api import GatewayResource
 from llmgw.console import ConsoleCommands, console_service, prompt_safe_stdout
+from llmgw.health import HealthChecker, OnChange, state_name
 from llmgw.keys import KeyRing
 from llmgw.logs import RequestLog, use_colour
 from llmgw.options import Config, Options
@@ -149,13 +150,36 @@ class SweepService(Service):
             self.loop.stop()
 
 
+def health_checker(
+    config: Config, keys: KeyRing, reactor: Any, on_change: OnChange
+) -> HealthChecker | None:
+    """The checks of the C{--upstream} replicas; none for a lone C{--aihost}."""
+    if not config.upstreams:
+        return None
+    return HealthChecker(
+        config.upstreams,
+        UpstreamClient(reactor, config),
+        keys,
+        reactor,
+        config.health_interval,
+        on_change,
+    )
+
+
 class LocalCommands:
     """The console's commands when the one process serves by itself."""
 
-    def __init__(self, resource: GatewayResource, limiter: ILimiter | None, reactor: Any):
+    def __init__(
+        self,
+        resource: GatewayResource,
+        limiter: ILimiter | None,
+        reactor: Any,
+        health: HealthChecker | None = None,
+    ):
         self.resource = resource
         self.limiter = limiter
         self.reactor = reactor
+        self.health = health
 
     def stats(self) -> Deferred[dict[str, Any]]:
         counters = self.resource.counters
@@ -169,7 +193,11 @@ class LocalCommands:
             "uptime": self.reactor.seconds() - counters.started,
         }
         tracked = len(self.limiter) if isinstance(self.limiter, SlidingWindowLimiter) else 0
-        return succeed({"workers": [row], "tracked_clients": tracked})
+        replicas = [
+            {"state": state_name(self.health, row["upstream"]), **row}
+            for row in self.resource.router.counts()
+        ]
+        return succeed({"workers": [row], "tracked_clients": tracked, "replicas": replicas})
 
     def set_verbose(self, on: bool) -> Deferred[None]:
         self.resource.request_log.verbose = on
@@ -206,7 +234,7 @@ def make_service(
         bindip=config.bindip,
         bindport=config.bindport,
         workers=config.workers,
-        upstream=config.upstream_base.decode(),
+        upstream=", ".join(config.origins),
     )
     # Fail now, with a usage-style message, rather than in every worker.
     keys = KeyRing(config.aikey_file, config.api_keys_file)
@@ -216,6 +244,9 @@ def make_service(
         supervisor = Supervisor(config, reactor, colour=use_colour())
         _ClusterExit(reactor).setServiceParent(top)  # type: ignore[no-untyped-call]
         supervisor.setServiceParent(top)  # type: ignore[no-untyped-call]
+        supervisor.health = health_checker(config, keys, reactor, supervisor.replica_state_changed)
+        if supervisor.health is not None:
+            supervisor.health.setServiceParent(top)  # type: ignore[no-untyped-call]
         if supervisor.limiter is not None:
             SweepService(supervisor.limiter, reactor).setServiceParent(top)  # type: ignore[no-untyped-call]
         commands: ConsoleCommands = ClusterCommands(supervisor, reactor)
@@ -223,6 +254,10 @@ def make_service(
         KeyReloadService(keys, reactor).setServiceParent(top)  # type: ignore[no-untyped-call]
         limiter = local_limiter(config, reactor)
         site = build_site(config, reactor, limiter, keys)
+        resource = cast(GatewayResource, site.resource)
+        health = health_checker(config, keys, reactor, resource.router.set_health)
+        if health is not None:
+            health.setServiceParent(top)  # type: ignore[no-untyped-call]
         DrainService(site, config.grace, reactor).setServiceParent(top)  # type: ignore[no-untyped-call]
         if isinstance(limiter, SlidingWindowLimiter):
             SweepService(limiter, reactor).setServiceParent(top)
@@ -231,7 +266,7 @@ def make_service(
         # start-up with the error instead of a gateway that serves nothing.
         server._raiseSynchronously = True
         server.setServiceParent(top)
-        commands = LocalCommands(cast(GatewayResource, site.resource), limiter, reactor)
+        commands = LocalCommands(resource, limiter, reactor, health)
     if console:
         # Added last, so that it is the first service stopped.
         console_service(commands, reactor, stdout=stdout).setServiceParent(top)

@@ -25,6 +25,11 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import Certificate, platformTrust, trustRootFromCertificates
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web._newclient import (
+    RequestNotSent,
+    RequestTransmissionFailed,
+    ResponseNeverReceived,
+)
 from twisted.web.client import (
     Agent,
     BrowserLikePolicyForHTTPS,
@@ -32,6 +37,7 @@ from twisted.web.client import (
     ResponseDone,
     ResponseFailed,
     _HTTP11ClientFactory,
+    _RetryingHTTP11ClientProtocol,
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
@@ -93,8 +99,67 @@ class _QuietFactory(_HTTP11ClientFactory):
     noisy = False
 
 
-class _QuietPool(HTTPConnectionPool):
+class ReplicaUnreachable(Exception):
+    """
+    The request could not be delivered to the model server at all: it refused
+    or timed out the connection, or failed the TLS handshake.  Nothing reached
+    the model, so the request may be sent to another replica.
+
+    @ivar error: what to tell the client if no other replica can take it.
+    """
+
+    def __init__(self, error: ApiError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+class _ResendOnStaleConnection(_RetryingHTTP11ClientProtocol):
+    """
+    A pooled connection that resends its request once, on a new connection,
+    if it turns out to be stale.
+
+    A model server closes idle keep-alive connections on its own timer
+    (uvicorn, and so vLLM, after 5 s); a request written just as it does so
+    fails before any byte of a reply arrives.  Twisted resends only idempotent
+    requests without a body, but the gateway's bodies are bytes in memory and
+    nothing of the request was processed, so it is safe to send any of them
+    again; nginx does the same for its cached upstream connections.  A failure
+    after the first byte of a reply is never resent.
+    """
+
+    def _shouldRetry(self, method: bytes, exception: Exception, bodyProducer: Any) -> bool:
+        if not isinstance(
+            exception, (RequestNotSent, RequestTransmissionFailed, ResponseNeverReceived)
+        ):
+            return False
+        reasons = getattr(exception, "reasons", ())
+        if any(reason.check(CancelledError) for reason in reasons):
+            return False
+        if bodyProducer is not None and not isinstance(bodyProducer, _BytesProducer):
+            return False
+        log.debug("Resending a request on a new connection: the pooled one was closed")
+        return True
+
+
+class _UpstreamPool(HTTPConnectionPool):
+    """Quiet, and resends a request whose pooled connection was stale."""
+
     _factory = _QuietFactory
+
+    def getConnection(self, key: Any, endpoint: Any) -> Deferred[Any]:
+        # HTTPConnectionPool.getConnection, with our resending wrapper.
+        connections = self._connections.get(key)
+        while connections:
+            connection = connections.pop(0)
+            self._timeouts[connection].cancel()
+            del self._timeouts[connection]
+            if connection.state == "QUIESCENT":
+                return succeed(
+                    _ResendOnStaleConnection(  # type: ignore[no-untyped-call]
+                        connection, lambda: self._newConnection(key, endpoint)
+                    )
+                )
+        return self._newConnection(key, endpoint)
 
 
 @implementer(IBodyProducer)
@@ -122,11 +187,11 @@ class _BytesProducer:
 @implementer(IAgentEndpointFactory)
 class _ModelServerEndpoints:
     """
-    The model server's endpoint, with its TLS options built once.
+    The model servers' endpoints, with TLS options built once for each.
 
     Agent's default asks the policy for new TLS options on every request
     (cipher selection, IDNA, a new context), which was a tenth of a worker's
-    time under load.  The gateway only ever talks to one origin.
+    time under load.  The gateway talks to a few fixed origins.
     """
 
     def __init__(self, reactor: Any, policy: BrowserLikePolicyForHTTPS, timeout: float) -> None:
@@ -170,10 +235,12 @@ class UpstreamClient:
         """
         self.clock = reactor if clock is None else clock
         self.config = config
-        self.base = config.upstream_base
-        self.pool = _QuietPool(reactor, persistent=True)  # type: ignore[no-untyped-call]
+        self.base = config.origins[0].encode()
+        self.pool = _UpstreamPool(reactor, persistent=True)  # type: ignore[no-untyped-call]
         self.pool.maxPersistentPerHost = 256
-        self.pool.cachedConnectionTimeout = 120
+        # Below the model server's own keep-alive timeout (uvicorn's is 5 s),
+        # so that the gateway, not the server, closes idle connections.
+        self.pool.cachedConnectionTimeout = config.upstream_idle_timeout  # type: ignore[assignment]
         trust = load_trust_root(config.aica) if config.aica else platformTrust()
         endpoints = _ModelServerEndpoints(
             reactor, BrowserLikePolicyForHTTPS(trustRoot=trust), config.connect_timeout
@@ -187,11 +254,14 @@ class UpstreamClient:
         body: bytes | None,
         authorization: bytes | None,
         deadline: float,
+        origin: bytes | None = None,
     ) -> Deferred[IResponse]:
         """
-        Start a request; its Deferred fires with the response once its headers
-        arrive, or fails with an L{ApiError}.  Cancelling it (the client went
-        away) closes the upstream connection, so the model stops generating.
+        Start a request to C{origin} (by default the first model server); its
+        Deferred fires with the response once its headers arrive, or fails
+        with an L{ApiError}, or with L{ReplicaUnreachable} if the request could
+        not be delivered at all.  Cancelling it (the client went away) closes
+        the upstream connection, so the model stops generating.
         """
         headers = Headers({b"Accept": [b"application/json"]})
         if body is not None:
@@ -199,7 +269,8 @@ class UpstreamClient:
         if authorization is not None:
             headers.setRawHeaders(b"Authorization", [authorization])
         producer = None if body is None else _BytesProducer(body)
-        d: Deferred[Any] = self.agent.request(method, self.base + path, headers, producer)
+        url = (self.base if origin is None else origin) + path
+        d: Deferred[Any] = self.agent.request(method, url, headers, producer)
         return _with_deadline(
             self.clock, d, deadline, lambda: errors.upstream_timeout(deadline), self._translate
         )
@@ -210,23 +281,31 @@ class UpstreamClient:
         if any(r.check(CancelledError) for r in getattr(failure.value, "reasons", ())):
             raise CancelledError()  # the client went away and cancelled it
         if failure.check(neterror.TimeoutError):
-            raise errors.upstream_timeout(
-                self.config.connect_timeout, "accept the connection"
+            raise ReplicaUnreachable(
+                errors.upstream_timeout(self.config.connect_timeout, "accept the connection")
             ) from None
         log.info("Upstream request failed: {why}", why=failure.getErrorMessage())
-        raise errors.upstream_unreachable(_describe(failure))
+        error = errors.upstream_unreachable(_describe(failure))
+        if _never_delivered(failure):
+            raise ReplicaUnreachable(error)
+        raise error
 
-    def read_json(self, response: IResponse) -> Deferred[tuple[int, bytes, Any]]:
+    def read_json(
+        self, response: IResponse, deadline: float | None = None
+    ) -> Deferred[tuple[int, bytes, Any]]:
         """
-        Collect a whole reply, within C{--timeout}, and check that it is JSON.
+        Collect a whole reply and check that it is JSON.
 
+        @param deadline: seconds left of the request's C{--timeout}, which
+            bounds the whole reply: the wait for its headers used the rest.
         @return: status, the reply's bytes as they came, and the parsed document.
         """
+        seconds = self.config.timeout if deadline is None else max(deadline, 0.0)
         d: Deferred[bytes] = treq.content(response)
         d = _with_deadline(
             self.clock,
             d,
-            self.config.timeout,
+            seconds,
             lambda: errors.upstream_timeout(self.config.timeout),
             _translate_body,
         )
@@ -240,6 +319,17 @@ class UpstreamClient:
                 ) from None
 
         return d.addCallback(check)
+
+
+def _never_delivered(failure: Failure) -> bool:
+    """
+    Whether the request cannot have reached the model: the connection was
+    refused or never set up, or its TLS handshake failed.
+    """
+    if failure.check(neterror.ConnectError, RequestNotSent):
+        return True
+    reasons = getattr(failure.value, "reasons", None) or []
+    return any(reason.check(SSL.Error, VerificationError) for reason in reasons)
 
 
 def _translate_body(failure: Failure) -> Failure:

@@ -10,6 +10,7 @@ is gone, even if it was killed with SIGKILL.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -26,7 +27,15 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from llmgw.api import GatewayResource
-from llmgw.cluster import Admit, QuietAMP, SetVerbose, WorkerStats, config_from_json
+from llmgw.cluster import (
+    Admit,
+    QuietAMP,
+    ReplicaState,
+    SetVerbose,
+    WorkerStats,
+    config_from_json,
+)
+from llmgw.health import decode_models
 from llmgw.keys import KeyRing
 from llmgw.options import Config
 from llmgw.ratelimit import Decision, ILimiter, SlidingWindowLimiter
@@ -116,7 +125,14 @@ class WorkerSide(QuietAMP):
             "refused": counters.refused,
             "upstream_errors": counters.upstream_errors,
             "uptime": self.resource.clock.seconds() - counters.started,
+            "replicas": json.dumps(self.resource.router.counts()),
         }
+
+    @ReplicaState.responder
+    def replica_state(self, upstream: str, up: bool, models: str) -> dict[str, Any]:
+        assert self.resource is not None
+        self.resource.router.set_health(upstream, up, decode_models(models))
+        return {}
 
     @SetVerbose.responder
     def set_verbose(self, on: bool) -> dict[str, Any]:

@@ -48,7 +48,7 @@ HELP_TEXT = (
     "  clear           clear the screen\n"
     "  exit, quit      shut the gateway down (Ctrl-D too)\n"
     "  help            list the commands\n"
-    "  stats           requests per worker, and the clients the limiter tracks\n"
+    "  stats           requests per worker and model server, and the clients the limiter tracks\n"
     "  verbose on|off  switch verbose logging in every worker\n"
 )
 
