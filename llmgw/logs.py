@@ -1,4 +1,8 @@
-"""What the gateway says about each request: an access line, or the verbose view.
+"""What the gateway says about each request: an access line, and the verbose view.
+
+Every request gets its access line, whether C{--verbose} is on or off and
+whatever the console switches it to; the verbose view (the validated input and
+the reply in full) comes in addition, before it.
 
 Events are structured (C{twisted.logger} fields); formatting is deferred to the
 observer, so the hot path only builds a dict.  Secrets never reach an event:

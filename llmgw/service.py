@@ -60,7 +60,9 @@ def build_site(
         reactor,
         max_body=config.max_body,
         read_timeout=config.read_timeout,
-        access_log=None if config.verbose else request_log.access,
+        # The access line stays whatever the console switches verbose to;
+        # the verbose view comes on top of it.
+        access_log=request_log.access,
     )
 
 

@@ -7,14 +7,18 @@ connection level, before any resource runs:
 
  - a body over C{--max-body} is refused from its Content-Length before it is
    read, and a chunked body is cut off as soon as it passes the cap;
- - a request (head and body) must arrive within C{--read-timeout}, so a client
-   trickling a byte a second cannot hold a connection;
+ - a request (head and body) must arrive within C{--read-timeout}, counted
+   from the moment the connection opens (or, on a keep-alive connection, from
+   the next request's first byte), so neither a client trickling a byte a
+   second nor one that sends nothing at all can hold a connection;
  - every response, including the ones written here without a resource, carries
-   the hardening headers and the OpenAI error shape.
+   the hardening headers, the OpenAI error shape, the standard reason phrase
+   and an access line.
 """
 
 from __future__ import annotations
 
+from http import HTTPStatus
 from io import BytesIO
 from typing import Any, cast
 
@@ -38,6 +42,45 @@ LINGER_SECONDS = 2.0
 #: Seconds a keep-alive connection may sit idle between requests.
 IDLE_SECONDS = 60
 
+#: The reason phrase of every status the gateway sends itself, as RFC 9110
+#: names them.  Twisted's table has no 429 (neither 22.4 nor 26 has) and keeps
+#: RFC 2068's C{Request Time-out}; Python's names 413 differently from one
+#: version to the next.
+REASONS: dict[int, bytes] = {
+    200: b"OK",
+    400: b"Bad Request",
+    401: b"Unauthorized",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    415: b"Unsupported Media Type",
+    429: b"Too Many Requests",
+    500: b"Internal Server Error",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+}
+
+#: Headers L{raw_response} writes itself; an error's own copy would be sent twice.
+_FRAMING_HEADERS = frozenset({b"connection", b"content-length", b"content-type"})
+
+
+def reason_phrase(status: int) -> bytes:
+    """
+    The reason phrase for C{status}: the gateway's own, else Python's, else Twisted's.
+
+    Python's table covers what a model server may answer and the gateway
+    relays (a 422, a 429 of its own), which Twisted would call C{Unknown Status}.
+    """
+    reason = REASONS.get(status)
+    if reason is not None:
+        return reason
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return http.RESPONSES.get(status, b"Unknown Status")
+
 
 def raw_response(error: ApiError) -> bytes:
     """
@@ -48,14 +91,14 @@ def raw_response(error: ApiError) -> bytes:
     the body and headers still come from L{ApiError} and L{HARDENING_HEADERS}.
     """
     body = error.body()
-    reason = http.RESPONSES.get(error.status, b"Error")
     lines = [
-        b"HTTP/1.1 %d %s" % (error.status, reason),
+        b"HTTP/1.1 %d %s" % (error.status, reason_phrase(error.status)),
         b"Content-Type: application/json",
         b"Content-Length: %d" % (len(body),),
         b"Connection: close",
     ]
-    lines += [name + b": " + value for name, value in HARDENING_HEADERS + error.headers]
+    extra = [(name, value) for name, value in error.headers if name.lower() not in _FRAMING_HEADERS]
+    lines += [name + b": " + value for name, value in HARDENING_HEADERS + tuple(extra)]
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
@@ -77,6 +120,15 @@ class GatewayRequest(server.Request):
     """A request whose body is bounded and whose responses are always hardened."""
 
     _received = 0
+
+    #: What the access line shows for a request refused before its request
+    #: line could be read (Twisted would show C{(no method yet)}).
+    method = b"-"
+    uri = b"-"
+
+    def setResponseCode(self, code: int, message: bytes | None = None) -> None:
+        """The standard reason phrase, where Twisted's table has none (429) or an old one."""
+        super().setResponseCode(code, reason_phrase(code) if message is None else message)
 
     def gotLength(self, length: int | None) -> None:
         # Bodies are capped by --max-body, so memory is the right place for
@@ -107,25 +159,45 @@ class GatewayChannel(http.HTTPChannel):
 
     site: GatewaySite
     _refused = False
+    _nothing_received = True
     _read_deadline: IDelayedCall | None = None
+    _request_began: float | None = None
     _linger: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        """The first request's deadline runs from here, not from its first byte."""
+        super().connectionMade()  # type: ignore[no-untyped-call]
+        self._start_read_deadline()
 
     def dataReceived(self, data: bytes) -> None:
         if self._refused:
             return
+        self._nothing_received = False
         if self._read_deadline is None and not self._handlingRequest:
-            self._read_deadline = self.callLater(  # type: ignore[no-untyped-call]
-                self.site.read_timeout, self._read_timed_out
-            )
+            self._start_read_deadline()
         super().dataReceived(data)  # type: ignore[no-untyped-call]
+
+    def _start_read_deadline(self) -> None:
+        self._request_began = self.site.clock.seconds()
+        self._read_deadline = self.callLater(  # type: ignore[no-untyped-call]
+            self.site.read_timeout, self._read_timed_out
+        )
 
     def rawDataReceived(self, data: bytes) -> None:
         if not self._refused:
             super().rawDataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:
-        if not self._refused:
-            super().lineReceived(line)  # type: ignore[no-untyped-call]
+        if self._refused:
+            return
+        pending = len(self.requests)
+        super().lineReceived(line)  # type: ignore[no-untyped-call]
+        if len(self.requests) > pending and not self._refused:
+            # The request line was just read.  Twisted gives it to the request
+            # only once the body is in; a request refused before then (413,
+            # 408) is logged with it all the same.
+            request = self.requests[-1]
+            request.method, request.uri = self._command, self._path
 
     def allHeadersReceived(self) -> None:
         if self.length is not None and self.length > self.site.max_body:
@@ -135,6 +207,7 @@ class GatewayChannel(http.HTTPChannel):
 
     def allContentReceived(self) -> None:
         self._cancel_read_deadline()
+        self._request_began = None
         if not self._refused:
             super().allContentReceived()  # type: ignore[no-untyped-call]
 
@@ -146,6 +219,17 @@ class GatewayChannel(http.HTTPChannel):
 
     def _read_timed_out(self) -> None:
         self._read_deadline = None
+        if self._nothing_received:
+            # Nothing was asked, so nothing is answered: like nginx, close
+            # without a response (a 408 nobody asked for would be read by a
+            # client pool as the answer to its next request).
+            log.info(
+                "Closing {peer}: nothing received within {seconds}s",
+                peer=self._transport.getPeer(),
+                seconds=self.site.read_timeout,
+            )
+            self._transport.loseConnection()
+            return
         log.info(
             "Closing {peer}: request not received within {seconds}s",
             peer=self._transport.getPeer(),
@@ -173,6 +257,7 @@ class GatewayChannel(http.HTTPChannel):
         The write side is closed at once; the read side keeps draining (and
         discarding) for L{LINGER_SECONDS}, because closing a socket with unread
         data makes the kernel send a reset that can destroy the response.
+        The Site's access log gets the request all the same.
         """
         if self._refused:
             return
@@ -181,6 +266,7 @@ class GatewayChannel(http.HTTPChannel):
         self.setTimeout(None)  # type: ignore[no-untyped-call]
         transport = self._transport
         transport.write(raw_response(error))
+        self._log_refused(error)
         loseWrite = getattr(transport, "loseWriteConnection", None)
         if loseWrite is None:
             transport.loseConnection()
@@ -189,6 +275,20 @@ class GatewayChannel(http.HTTPChannel):
         self._linger = self.callLater(  # type: ignore[no-untyped-call]
             LINGER_SECONDS, transport.abortConnection
         )
+
+    def _log_refused(self, error: ApiError) -> None:
+        """
+        Give the request that L{refuse} answered its access line.
+
+        It is the request being read, if its first line arrived (Twisted makes
+        the request object there), or else a blank one for the connection.
+        """
+        request: http.Request = self.requests[-1] if self.requests else self.requestFactory(self)
+        request.setResponseCode(error.status)
+        request.sentLength = len(error.body())
+        if getattr(request, "started", None) is None:
+            request.started = self._request_began  # type: ignore[attr-defined]
+        self.site.log(request)
 
     @property
     def _transport(self) -> Any:

@@ -24,7 +24,10 @@ from twisted.web.http import Request
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
+from llmgw.keys import KeyRing
 from llmgw.logs import RequestLog, use_colour
+from llmgw.options import Config
+from llmgw.service import build_site
 
 SECRET = "sk-live-DoNotLog-7f3a9c"
 ANSI = re.compile("\x1b\\[[0-9;]*m")
@@ -321,3 +324,72 @@ class RequestLogTests(SynchronousTestCase):
                 self.answer(request_log, request, 401, b'{"error": {}}')
         self.assertEqual(len(access_events(self.events)), 1 + 1 + 3 + 3)
         self.assertNoSecret()
+
+
+class GatewayAccessLogTests(SynchronousTestCase):
+    """
+    The Site that L{build_site} makes writes an access line for every request,
+    whatever C{--verbose} and the console's C{verbose on|off} say: the verbose
+    view is added to the access line, never put in its place.
+    """
+
+    def setUp(self) -> None:
+        self.events = EventList()
+        globalLogPublisher.addObserver(self.events)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events)
+        self.clock = MemoryReactorClock()
+        self.clock.advance(1000)
+
+    def site(self, *, verbose: bool) -> Any:
+        # Port 9 on loopback: never connected to, MemoryReactorClock connects nothing.
+        config = Config(aihost="127.0.0.1", aihostport=9, aischeme="http", verbose=verbose)
+        site = build_site(config, self.clock, None, KeyRing(None, None), colour=False)
+        self.addCleanup(site.resource.upstream.pool.closeCachedConnections)
+        return site
+
+    def get(self, site: Any, path: bytes) -> StringTransport:
+        peer = IPv4Address("TCP", "127.0.0.1", 50123)
+        channel = site.buildProtocol(peer)
+        transport = StringTransport(peerAddress=peer)
+        channel.makeConnection(transport)
+        self.addCleanup(channel.connectionLost, None)
+        channel.dataReceived(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        return transport
+
+    def lines(self) -> list[str]:
+        return [formatEvent(event) for event in access_events(self.events)]
+
+    def test_verbose_off_keeps_access_lines(self) -> None:
+        """Started with --verbose, then C{verbose off}: the access lines keep coming."""
+        site = self.site(verbose=True)
+        self.get(site, b"/healthz")
+        site.resource.request_log.verbose = False
+        self.get(site, b"/healthz")
+        self.assertEqual(
+            self.lines(),
+            ["127.0.0.1 GET /healthz 200 16 0.0ms", "127.0.0.1 GET /healthz 200 16 0.0ms"],
+        )
+
+    def test_verbose_on_adds_to_the_access_line(self) -> None:
+        """C{verbose on}: the reply is shown in full, and the access line follows it."""
+        site = self.site(verbose=False)
+        site.resource.request_log.verbose = True
+        self.get(site, b"/readyz")
+        self.clock.advance(10)
+        replied, access = access_events(self.events)
+        self.assertEqual(replied["status"], 503)
+        self.assertEqual(
+            formatEvent(access), f"127.0.0.1 GET /readyz 503 {access['bytes']} 10000.0ms"
+        )
+
+    def test_health_checks_logged_when_verbose(self) -> None:
+        """/healthz has no verbose view of its own; it keeps its access line all the same."""
+        site = self.site(verbose=True)
+        self.assertTrue(self.get(site, b"/healthz").value().startswith(b"HTTP/1.1 200 OK\r\n"))
+        readyz = self.get(site, b"/readyz")
+        self.clock.advance(10)
+        self.assertTrue(readyz.value().startswith(b"HTTP/1.1 503 Service Unavailable\r\n"))
+        healthz, replied, access = self.lines()
+        self.assertEqual(healthz, "127.0.0.1 GET /healthz 200 16 0.0ms")
+        self.assertRegex(replied, r'^127\.0\.0\.1 503 \{"error": ')
+        self.assertRegex(access, r"^127\.0\.0\.1 GET /readyz 503 \d+ 10000\.0ms$")

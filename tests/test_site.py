@@ -3,20 +3,59 @@
 from __future__ import annotations
 
 import json
+import socket
 from typing import Any
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
 
-from llmgw.errors import body_too_large
+from llmgw.api import GatewayResource
+from llmgw.errors import ApiError, body_too_large, request_timeout
 from llmgw.headers import HARDENING_HEADERS
-from llmgw.site import LINGER_SECONDS, GatewayChannel, GatewaySite, raw_response
+from llmgw.logs import RequestLog
+from llmgw.site import (
+    IDLE_SECONDS,
+    LINGER_SECONDS,
+    GatewayChannel,
+    GatewayRequest,
+    GatewaySite,
+    raw_response,
+    render_error,
+)
+from llmgw.upstream import UpstreamClient
+from tests.loopback import eventually, free_port, gateway_config, inline, port_of, reactor
+
+#: Every status the gateway sends, with its reason phrase as RFC 9110 names it.
+STANDARD_REASONS = {
+    400: b"Bad Request",
+    401: b"Unauthorized",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    415: b"Unsupported Media Type",
+    429: b"Too Many Requests",
+    500: b"Internal Server Error",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+}
+
+
+@implementer(ILogObserver)
+class EventList(list[LogEvent]):
+    """An observer that keeps every event it sees."""
+
+    def __call__(self, event: LogEvent) -> None:
+        self.append(event)
 
 
 class Echo(Resource):
@@ -45,15 +84,27 @@ class HalfCloseTransport(StringTransport):
 
 
 class Connection:
-    def __init__(self, max_body: int = 100, read_timeout: float = 30) -> None:
-        self.clock = Clock()
-        self.resource = Echo()
+    def __init__(
+        self,
+        max_body: int = 100,
+        read_timeout: float = 30,
+        resource: Resource | None = None,
+        access_log: Any = None,
+        clock: MemoryReactorClock | None = None,
+    ) -> None:
+        self.clock = MemoryReactorClock() if clock is None else clock
+        self.resource: Any = Echo() if resource is None else resource
         self.site = GatewaySite(
-            self.resource, self.clock, max_body=max_body, read_timeout=read_timeout
+            self.resource,
+            self.clock,
+            max_body=max_body,
+            read_timeout=read_timeout,
+            access_log=access_log,
         )
-        self.channel: Any = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5000))
+        peer = IPv4Address("TCP", "127.0.0.1", 5000)
+        self.channel: Any = self.site.buildProtocol(peer)
         assert isinstance(self.channel, GatewayChannel)
-        self.transport = HalfCloseTransport()
+        self.transport = HalfCloseTransport(peerAddress=peer)
         self.channel.makeConnection(self.transport)
 
     def send(self, data: bytes) -> None:
@@ -91,6 +142,21 @@ class BodyLimitTests(SynchronousTestCase):
             self.assertEqual(headers[name.lower()], value)
         self.assertEqual(c.resource.bodies, [])
         self.assertTrue(c.transport.writeClosed)
+
+    def test_one_connection_close(self) -> None:
+        """The 413's head, byte for byte: one C{Connection: close}, the standard reason."""
+        c = Connection(max_body=100)
+        c.send(post(101))
+        head, _, body = c.transport.value().partition(b"\r\n\r\n")
+        self.assertEqual(body, body_too_large(100).body())
+        expected = [
+            b"HTTP/1.1 413 Content Too Large",
+            b"Content-Type: application/json",
+            b"Content-Length: %d" % (len(body_too_large(100).body()),),
+            b"Connection: close",
+        ] + [name + b": " + value for name, value in HARDENING_HEADERS]
+        self.assertEqual(head, b"\r\n".join(expected))
+        self.assertEqual(head.lower().count(b"\r\nconnection:"), 1)
 
     def test_expect_continue_not_sent_when_refused(self) -> None:
         c = Connection(max_body=100)
@@ -155,6 +221,34 @@ class ReadDeadlineTests(SynchronousTestCase):
         c.clock.advance(2)
         self.assertTrue(c.transport.disconnecting)
 
+    def test_silent_connection_closed_at_read_timeout(self) -> None:
+        """A client that sends nothing is closed at --read-timeout, without a word."""
+        c = Connection(read_timeout=2)
+        c.clock.advance(1.9)
+        self.assertFalse(c.transport.disconnecting)
+        c.clock.advance(0.1)
+        self.assertTrue(c.transport.disconnecting)
+        self.assertEqual(c.transport.value(), b"")
+
+    def test_deadline_counts_from_connection_open(self) -> None:
+        """A head begun late in the deadline does not earn a fresh one."""
+        c = Connection(read_timeout=2)
+        c.clock.advance(1.5)
+        c.send(post(2))
+        c.clock.advance(0.5)
+        self.assertEqual(c.response()[0], 408)
+        self.assertEqual(c.resource.bodies, [])
+
+    def test_keep_alive_idle_limit_between_requests(self) -> None:
+        """After a request is answered, the idle limit governs, not --read-timeout."""
+        c = Connection(read_timeout=2)
+        c.send(post(2) + b"{}")
+        self.assertEqual(c.response()[0], 200)
+        c.clock.advance(IDLE_SECONDS - 1)
+        self.assertFalse(c.transport.disconnecting)
+        c.clock.advance(1)
+        self.assertTrue(c.transport.disconnecting)
+
     def test_second_request_gets_its_own_deadline(self) -> None:
         c = Connection(read_timeout=30)
         c.send(post(2) + b"{}")
@@ -165,6 +259,150 @@ class ReadDeadlineTests(SynchronousTestCase):
         self.assertEqual(c.transport.value(), b"")
         c.clock.advance(1)
         self.assertEqual(c.response()[0], 408)
+
+
+class RefusedAccessLineTests(SynchronousTestCase):
+    """Requests answered by the channel itself get the same access line as the rest."""
+
+    def setUp(self) -> None:
+        self.events = EventList()
+        globalLogPublisher.addObserver(self.events)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events)
+
+    def connect(self, **kwargs: Any) -> Connection:
+        clock = MemoryReactorClock()
+        clock.advance(1000)
+        access_log = RequestLog(clock, verbose=False, colour=False).access
+        return Connection(clock=clock, access_log=access_log, **kwargs)
+
+    def access_lines(self) -> list[str]:
+        return [
+            formatEvent(event)
+            for event in self.events
+            if event.get("log_namespace") == "llmgw.access"
+        ]
+
+    def test_413(self) -> None:
+        c = self.connect(max_body=100)
+        c.send(post(101))
+        size = len(body_too_large(100).body())
+        self.assertEqual(
+            self.access_lines(), [f"127.0.0.1 POST /v1/chat/completions 413 {size} 0.0ms"]
+        )
+
+    def test_413_chunked(self) -> None:
+        c = self.connect(max_body=100)
+        c.send(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n" + b"80\r\n" + b"x" * 128 + b"\r\n"
+        )
+        size = len(body_too_large(100).body())
+        self.assertEqual(
+            self.access_lines(), [f"127.0.0.1 POST /v1/chat/completions 413 {size} 0.0ms"]
+        )
+
+    def test_408_counts_from_the_connection(self) -> None:
+        c = self.connect(read_timeout=30)
+        c.clock.advance(10)
+        c.send(post(10))
+        c.clock.advance(20)
+        self.assertEqual(c.response()[0], 408)
+        size = len(request_timeout(30).body())
+        self.assertEqual(
+            self.access_lines(), [f"127.0.0.1 POST /v1/chat/completions 408 {size} 30000.0ms"]
+        )
+
+    def test_408_before_the_request_line(self) -> None:
+        c = self.connect(read_timeout=30)
+        c.send(b"POS")
+        c.clock.advance(30)
+        self.assertEqual(c.response()[0], 408)
+        size = len(request_timeout(30).body())
+        self.assertEqual(self.access_lines(), [f"127.0.0.1 - - 408 {size} 30000.0ms"])
+
+    def test_400_garbage_request_line(self) -> None:
+        c = self.connect()
+        c.send(b"\x00\x01\x02 nonsense\r\n\r\n")
+        self.assertEqual(c.response()[0], 400)
+        [line] = self.access_lines()
+        self.assertRegex(line, r"^127\.0\.0\.1 - - 400 \d+ 0\.0ms$")
+
+    def test_second_request_refused_is_itself(self) -> None:
+        """On a keep-alive connection, a refused request is not logged as the one before."""
+        c = self.connect(max_body=10)
+        c.send(post(2) + b"{}")
+        c.send(b"POST /v1/other HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\n")
+        size = len(body_too_large(10).body())
+        self.assertEqual(
+            self.access_lines(),
+            [
+                "127.0.0.1 POST /v1/chat/completions 200 1 0.0ms",
+                f"127.0.0.1 POST /v1/other 413 {size} 0.0ms",
+            ],
+        )
+
+    def test_pipelined_request_refused_is_timed_alone(self) -> None:
+        """A request read from the buffer after the one before is not charged its time."""
+        c = self.connect(max_body=10)
+        c.clock.advance(5)
+        c.send(
+            post(2) + b"{}" + b"POST /v1/other HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\n"
+        )
+        size = len(body_too_large(10).body())
+        self.assertEqual(self.access_lines()[1], f"127.0.0.1 POST /v1/other 413 {size} 0.0ms")
+
+    def test_silent_connection_has_no_access_line(self) -> None:
+        """No request, no access line: the close is logged once, as a connection event."""
+        c = self.connect(read_timeout=2)
+        c.clock.advance(2)
+        self.assertTrue(c.transport.disconnecting)
+        self.assertEqual(self.access_lines(), [])
+        [closed] = [e for e in self.events if e.get("log_namespace") == "llmgw.site"]
+        self.assertEqual(closed["log_format"], "Closing {peer}: nothing received within {seconds}s")
+        self.assertEqual(
+            (closed["peer"], closed["seconds"]), (IPv4Address("TCP", "127.0.0.1", 5000), 2)
+        )
+
+
+class Refuses(Resource):
+    """Answers C{/NNN} with an L{ApiError} of status NNN, through L{render_error}."""
+
+    isLeaf = True
+
+    def render(self, request: Request) -> int:
+        render_error(request, ApiError(int(request.path[1:]), "refused"))
+        return NOT_DONE_YET
+
+
+class ReasonPhraseTests(SynchronousTestCase):
+    """Both ways a status goes out carry the standard phrase, whatever Twisted's table says."""
+
+    def test_render_error(self) -> None:
+        for status, reason in STANDARD_REASONS.items():
+            c = Connection(resource=Refuses())
+            c.send(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % (status,))
+            self.assertTrue(
+                c.transport.value().startswith(b"HTTP/1.1 %d %s\r\n" % (status, reason)),
+                c.transport.value()[:40],
+            )
+
+    def test_raw_response(self) -> None:
+        for status, reason in STANDARD_REASONS.items():
+            raw = raw_response(ApiError(status, "refused"))
+            self.assertTrue(raw.startswith(b"HTTP/1.1 %d %s\r\n" % (status, reason)), raw[:40])
+
+    def test_relayed_status(self) -> None:
+        """A model server's status that Twisted has no name for still gets its own."""
+        c = Connection(resource=Refuses())
+        c.send(b"GET /422 HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(c.transport.value().startswith(b"HTTP/1.1 422 "))
+        self.assertNotIn(b"Unknown Status", c.transport.value())
+
+    def test_explicit_phrase_kept(self) -> None:
+        c = Connection(resource=Refuses())
+        request = GatewayRequest(c.channel)
+        request.setResponseCode(429, b"Slow Down")
+        self.assertEqual(request.code_message, b"Slow Down")
 
 
 class MalformedHeadTests(SynchronousTestCase):
@@ -249,3 +487,82 @@ class DrainTests(SynchronousTestCase):
 
     def test_nothing_open(self) -> None:
         self.successResultOf(self.site.drain(30))
+
+
+def serve_on_loopback(
+    test: TestCase, clock: MemoryReactorClock, read_timeout: float
+) -> tuple[GatewaySite, int]:
+    """
+    The gateway's Site and resource on a real 127.0.0.1 socket, whose deadlines
+    run on C{clock}: the connection is real, and time is the test's.
+    """
+    config = gateway_config(aihostport=free_port(), aischeme="http", read_timeout=read_timeout)
+    upstream = UpstreamClient(reactor, config, clock)
+    test.addCleanup(upstream.pool.closeCachedConnections)
+    request_log = RequestLog(clock, verbose=False, colour=False)
+    resource = GatewayResource(config, upstream, clock, request_log)
+    site = GatewaySite(resource, clock, max_body=config.max_body, read_timeout=read_timeout)
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    test.addCleanup(port.stopListening)
+    return site, port_of(port)
+
+
+def raw_connection(test: TestCase, port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port))
+    test.addCleanup(sock.close)
+    sock.setblocking(False)
+    return sock
+
+
+def read_available(sock: socket.socket, into: list[bytes]) -> bool:
+    """Append what has arrived to C{into}; C{True} once the server has closed."""
+    while True:
+        try:
+            data = sock.recv(65536)
+        except BlockingIOError:
+            return False
+        except ConnectionResetError:
+            return True
+        if not data:
+            return True
+        into.append(data)
+
+
+class SilentConnectionTests(TestCase):
+    """A raw socket that connects and says nothing, against the real Site on loopback."""
+
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.site, self.port = serve_on_loopback(self, self.clock, read_timeout=2)
+
+    @inline
+    async def test_closed_at_read_timeout(self) -> None:
+        sock = raw_connection(self, self.port)
+        await eventually(lambda: len(self.site.channels) == 1)
+        received: list[bytes] = []
+        self.clock.advance(1.9)
+        (channel,) = self.site.channels
+        transport: Any = channel.transport
+        self.assertFalse(transport.disconnecting)
+        self.assertFalse(read_available(sock, received))
+        self.clock.advance(0.1)
+        await eventually(lambda: read_available(sock, received))
+        self.assertEqual(received, [], "nothing was asked, so nothing is answered")
+        await eventually(lambda: not self.site.channels)
+
+    @inline
+    async def test_keep_alive_waits_for_the_idle_limit(self) -> None:
+        """Once a request is answered, --read-timeout no longer applies; IDLE_SECONDS does."""
+        sock = raw_connection(self, self.port)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        received: list[bytes] = []
+        await eventually(lambda: read_available(sock, received) or b'"ok"}' in b"".join(received))
+        self.assertTrue(b"".join(received).startswith(b"HTTP/1.1 200 OK\r\n"))
+        self.clock.advance(IDLE_SECONDS - 1)
+        (channel,) = self.site.channels
+        transport: Any = channel.transport
+        self.assertFalse(transport.disconnecting)
+        self.assertFalse(read_available(sock, received))
+        self.clock.advance(1)
+        await eventually(lambda: read_available(sock, received))
+        await eventually(lambda: not self.site.channels)
