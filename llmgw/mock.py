@@ -54,7 +54,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 DEFAULT_MODEL = "TheBloke/Mistral-7B-Instruct-v0.2-AWQ"
 
-FAULTS = ("none", "hang", "reset", "garbage", "500", "slow-first-byte")
+FAULTS = ("none", "hang", "reset", "garbage", "500", "503", "429", "slow-first-byte")
 """
 How a reply can go wrong:
 
@@ -62,7 +62,8 @@ How a reply can go wrong:
 - ``reset``: abort the TCP connection; a stream first sends its role chunk and half its
   content chunks.
 - ``garbage``: 200 with an HTML body that is not JSON.
-- ``500``: 500 with an OpenAI-shaped error body.
+- ``500``, ``503``, ``429``: that status with an OpenAI-shaped error body (an overloaded
+  replica answers 503, a rate-limited one 429).
 - ``slow-first-byte``: nothing before ``delay`` has passed; every reply waits ``delay``
   before its status line anyway, so this is the same as ``none``, named for readability.
 """
@@ -70,11 +71,18 @@ How a reply can go wrong:
 GARBAGE = b"<html><body><h1>502 Bad Gateway</h1>mock fault: not JSON</body></html>\n"
 
 _JSON = b"application/json"
+_FAULT_MESSAGES = {
+    500: "mock fault: internal server error",
+    503: "mock fault: service unavailable",
+    429: "mock fault: rate limited",
+}
 _ERROR_TYPES = {
     400: "BadRequestError",
     404: "NotFoundError",
     405: "MethodNotAllowedError",
+    429: "RateLimitError",
     500: "InternalServerError",
+    503: "ServiceUnavailableError",
 }
 
 
@@ -321,8 +329,9 @@ class Generation:
         fault = self._behaviour.fault
         if fault == "garbage":
             self._finish(200, b"text/html; charset=utf-8", GARBAGE)
-        elif fault == "500":
-            self._finish(500, _JSON, error_body(500, "mock fault: internal server error"))
+        elif fault in ("500", "503", "429"):
+            status = int(fault)
+            self._finish(status, _JSON, error_body(status, _FAULT_MESSAGES[status]))
         elif self._completion.stream:
             self._start_stream()
         elif fault == "reset":

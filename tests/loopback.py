@@ -30,7 +30,14 @@ from llmgw.api import GatewayResource
 from llmgw.devtls import CertificateAuthority, issue_server_certificate, make_ca
 from llmgw.keys import KeyRing
 from llmgw.logs import RequestLog
-from llmgw.mock import Behaviour, MockModel, MockService, QuietSite, make_resource
+from llmgw.mock import (
+    DEFAULT_MODEL,
+    Behaviour,
+    MockModel,
+    MockService,
+    QuietSite,
+    make_resource,
+)
 from llmgw.options import Config
 from llmgw.ratelimit import ILimiter
 from llmgw.site import GatewaySite
@@ -79,6 +86,7 @@ class Upstream:
     port: int
     model: MockModel
     ca_file: str
+    service: MockService
 
 
 def write_ca(test: TestCase, ca: CertificateAuthority) -> str:
@@ -96,10 +104,11 @@ def start_upstream(
     hostnames: tuple[str, ...] = ("localhost",),
     ips: tuple[str, ...] = ("127.0.0.1", "::1"),
     clock: IReactorTime | None = None,
+    served_model: str = DEFAULT_MODEL,
 ) -> Upstream:
     """Serve the stand-in model on 127.0.0.1, over TLS from a CA made for this test."""
     ca = make_ca() if ca is None else ca
-    model = MockModel(reactor if clock is None else clock, defaults)
+    model = MockModel(reactor if clock is None else clock, defaults, served_model)
     site = QuietSite(make_resource(model))
     if tls:
         cert_pem, key_pem = issue_server_certificate(ca, hostnames, ips)
@@ -111,7 +120,7 @@ def start_upstream(
     service.startService()
     test.addCleanup(service.stopService)
     assert service.port is not None
-    return Upstream(port_of(service.port), model, write_ca(test, ca))
+    return Upstream(port_of(service.port), model, write_ca(test, ca), service)
 
 
 def gateway_config(upstream: Upstream | None = None, **overrides: Any) -> Config:
@@ -119,6 +128,12 @@ def gateway_config(upstream: Upstream | None = None, **overrides: Any) -> Config
     if upstream is not None:
         overrides = {"aihostport": upstream.port, "aica": upstream.ca_file, **overrides}
     return Config(**{"aihost": "localhost", "aihostport": 9, **overrides})
+
+
+def replicas_config(ca_file: str, ports: list[int], **overrides: Any) -> Config:
+    """A configuration with C{--upstream} replicas on loopback, trusting the test's CA."""
+    upstreams = tuple(f"https://localhost:{port}" for port in ports)
+    return Config(**{"upstreams": upstreams, "aica": ca_file, **overrides})
 
 
 @attrs.define

@@ -680,7 +680,7 @@ class OptionsTests(unittest.TestCase):
             (["--chunks=1.5"], "--chunks must be an integer >= 1, not '1.5'"),
             (
                 ["--fault=fire"],
-                "--fault must be one of none, hang, reset, garbage, 500, slow-first-byte",
+                "--fault must be one of none, hang, reset, garbage, 500, 503, 429, slow-first-byte",
             ),
             (["--cert=server.pem"], "--cert and --key go together"),
             (["--key=server.key"], "--cert and --key go together"),
