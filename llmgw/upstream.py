@@ -285,6 +285,9 @@ class UpstreamClient:
                 errors.upstream_timeout(self.config.connect_timeout, "accept the connection")
             ) from None
         log.info("Upstream request failed: {why}", why=failure.getErrorMessage())
+        began = failure.check(ResponseFailed) and not failure.check(ResponseNeverReceived)
+        if began and not _never_delivered(failure):
+            raise errors.upstream_bad_reply("the connection broke in the middle of the reply")
         error = errors.upstream_unreachable(_describe(failure))
         if _never_delivered(failure):
             raise ReplicaUnreachable(error)

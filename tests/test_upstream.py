@@ -8,7 +8,7 @@ from typing import Any
 
 from twisted.internet import task
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http_headers import Headers
@@ -254,6 +254,100 @@ class ConnectTimeoutTests(TestCase):
         reply = await request(self, gateway.port, body=chat_body())
         self.assertEqual(reply.status, 504, reply.body)
         self.assertEqual(reply.json()["error"]["code"], "upstream_timeout")
+
+
+class KeepAliveServer(Protocol):
+    """
+    A plain-HTTP model server that answers the first request of each connection
+    and keeps it open, then treats the next one on that connection as the
+    factory says: C{"close"} closes it without a byte (the server's own idle
+    timer fired as the request arrived), C{"partial"} sends half a status line
+    first.
+    """
+
+    factory: KeepAliveFactory
+
+    def connectionMade(self) -> None:
+        self.factory.connections += 1
+        self.buffer = b""
+        self.answered = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        while b"\r\n\r\n" in self.buffer:
+            head, _, rest = self.buffer.partition(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            if len(rest) < length:
+                return
+            self.buffer = rest[length:]
+            self.factory.requests += 1
+            if self.answered and self.factory.on_reuse != "answer":
+                if self.factory.on_reuse == "partial":
+                    self.transport.write(b"HTTP/1.1 200")
+                self.transport.loseConnection()
+                return
+            self.answered += 1
+            body = b'{"id": "chatcmpl-1", "object": "chat.completion", "choices": []}'
+            self.transport.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+
+
+class KeepAliveFactory(Factory):
+    protocol = KeepAliveServer
+
+    def __init__(self, on_reuse: str) -> None:
+        self.on_reuse = on_reuse
+        self.connections = 0
+        self.requests = 0
+
+
+class StaleConnectionTests(TestCase):
+    """A pooled connection the model server has just closed costs the client nothing."""
+
+    def serve(self, on_reuse: str, **overrides: Any) -> tuple[KeepAliveFactory, int]:
+        factory = KeepAliveFactory(on_reuse)
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        config = gateway_config(aihostport=port.getHost().port, aischeme="http", **overrides)
+        return factory, start_gateway(self, config).port
+
+    @inline
+    async def test_resent_on_a_new_connection(self) -> None:
+        """Closed before any byte of a reply: sent once more, on a new connection."""
+        server, port = self.serve("close")
+        statuses = []
+        for _ in range(3):
+            statuses.append((await request(self, port, body=chat_body())).status)
+        self.assertEqual(statuses, [200, 200, 200])
+        self.assertEqual((server.requests, server.connections), (5, 3))
+
+    @inline
+    async def test_not_resent_after_a_reply_byte(self) -> None:
+        """Once a byte of the reply has arrived, the request is never sent again."""
+        server, port = self.serve("partial")
+        first = await request(self, port, body=chat_body())
+        second = await request(self, port, body=chat_body())
+        self.assertEqual((first.status, second.status), (200, 502))
+        self.assertEqual(second.json()["error"]["code"], "upstream_bad_response")
+        self.assertEqual((server.requests, server.connections), (2, 1))
+
+    @inline
+    async def test_idle_connections_close(self) -> None:
+        """The gateway closes idle pooled connections after --upstream-idle-timeout."""
+        server, port = self.serve("answer", upstream_idle_timeout=0.05)
+        await request(self, port, body=chat_body())
+        await task.deferLater(reactor, 0.2, lambda: None)
+        await request(self, port, body=chat_body())
+        self.assertEqual((server.requests, server.connections), (2, 2))
+
+    @inline
+    async def test_kept_within_idle_timeout(self) -> None:
+        server, port = self.serve("answer", upstream_idle_timeout=30)
+        await request(self, port, body=chat_body())
+        await request(self, port, body=chat_body())
+        self.assertEqual((server.requests, server.connections), (2, 1))
 
 
 class TrustRootTests(SynchronousTestCase):
