@@ -266,6 +266,7 @@ class KeepAliveServer(Protocol):
     """
 
     factory: KeepAliveFactory
+    transport: Any
 
     def connectionMade(self) -> None:
         self.factory.connections += 1
@@ -295,7 +296,7 @@ class KeepAliveServer(Protocol):
 
 
 class KeepAliveFactory(Factory):
-    protocol = KeepAliveServer
+    protocol = KeepAliveServer  # type: ignore[assignment]
 
     def __init__(self, on_reuse: str) -> None:
         self.on_reuse = on_reuse
