@@ -19,7 +19,7 @@ from typing import Any
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -49,7 +49,6 @@ class ReplicaHealth:
     """L{None} until the first verdict."""
     failures_in_row: int = 0
     models: Models | None = None
-    checking: bool = False
 
 
 def parse_model_listing(status: int, document: Any) -> Models:
@@ -93,6 +92,7 @@ class HealthChecker(Service):
         self.on_change = on_change
         self._loop = LoopingCall(self.check_all)
         self._loop.clock = clock
+        self._checks: dict[str, Deferred[None]] = {}
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
@@ -102,24 +102,29 @@ class HealthChecker(Service):
         super().stopService()  # type: ignore[no-untyped-call]
         if self._loop.running:
             self._loop.stop()
+        for check in list(self._checks.values()):
+            check.cancel()
         return self.upstream.pool.closeCachedConnections()  # type: ignore[no-untyped-call]
 
     def check_all(self) -> None:
         """Start a check of every replica whose previous check has finished."""
         for replica in self.replicas.values():
-            if not replica.checking:
-                replica.checking = True
-                Deferred.fromCoroutine(self.check(replica))
+            if replica.name not in self._checks:
+                check = Deferred.fromCoroutine(self.check(replica))
+                if not check.called:
+                    self._checks[replica.name] = check
 
     async def check(self, replica: ReplicaHealth) -> None:
         try:
             models = await self._fetch_models(replica.name)
+        except CancelledError:
+            return  # stopped
         except Exception as e:
             self._failed(replica, _reason(e))
         else:
             self._succeeded(replica, models)
         finally:
-            replica.checking = False
+            self._checks.pop(replica.name, None)
 
     async def _fetch_models(self, name: str) -> Models:
         response = await self.upstream.send(

@@ -4,24 +4,34 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import socket
+from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from llmgw.devtls import make_ca
 from llmgw.headers import HARDENING_HEADERS
+from llmgw.health import HealthChecker
 from llmgw.keys import KeyRing
-from llmgw.mock import Behaviour
+from llmgw.mock import DEFAULT_MODEL, Behaviour
 from llmgw.ratelimit import SlidingWindowLimiter
+from llmgw.upstream import UpstreamClient
 from tests.loopback import (
     JSON_HEADERS,
+    Gateway,
     Reply,
+    Upstream,
     chat_body,
     eventually,
     free_port,
     gateway_config,
+    http_post,
     inline,
+    reactor,
+    replicas_config,
     request,
     start_gateway,
     start_upstream,
@@ -390,3 +400,236 @@ class ForwardedForTests(TestCase):
     @inline
     async def test_trusted_proxy_is_believed(self) -> None:
         self.assertEqual(await self.two_clients(trusted=True), [200, 200])
+
+
+class WholeReplyDeadlineTests(HeadersMixin, TestCase):
+    """--timeout bounds the whole reply that is not streamed, headers and body together."""
+
+    @inline
+    async def test_body_gets_what_is_left(self) -> None:
+        clock = Clock()
+        server = HeadersOnDemand()
+        port = reactor.listenTCP(0, server, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        config = gateway_config(aihostport=port.getHost().port, aischeme="http", timeout=5)
+        gateway = start_gateway(self, config, clock=clock)
+        reply_d = Deferred.fromCoroutine(request(self, gateway.port, body=chat_body()))
+        await eventually(lambda: server.waiting is not None)
+        clock.advance(3)
+        server.send_headers()
+        await eventually(lambda: server.sent)
+        clock.advance(1.9)
+        self.assertNoResult(reply_d)
+        clock.advance(0.2)
+        reply = await reply_d
+        error = self.assertError(reply, 504, "api_error", code="upstream_timeout")
+        self.assertIn("5 seconds", str(error["message"]))
+
+
+class HeadersOnDemand(Factory):
+    """A model server that sends a reply's headers when told, and then half a body, forever."""
+
+    def __init__(self) -> None:
+        self.waiting: Any = None
+        self.sent = False
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        protocol = Protocol()
+        protocol.dataReceived = lambda data: setattr(self, "waiting", protocol)  # type: ignore[method-assign]
+        return protocol
+
+    def send_headers(self) -> None:
+        self.waiting.transport.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"id": '
+        )
+        self.sent = True
+
+
+class ReplicaTests(HeadersMixin, TestCase):
+    """Several stand-in models as --upstream replicas, over TLS on loopback."""
+
+    def replicas(self, *behaviours: Behaviour, models: tuple[str, ...] = ()) -> list[Upstream]:
+        ca = make_ca()
+        names = models or (DEFAULT_MODEL,) * len(behaviours)
+        return [
+            start_upstream(self, ca=ca, defaults=behaviour, served_model=name)
+            for behaviour, name in zip(behaviours, names, strict=True)
+        ]
+
+    def gateway(self, replicas: list[Upstream], dead: int = 0, **overrides: Any) -> Gateway:
+        ports = [replica.port for replica in replicas] + [free_port() for _ in range(dead)]
+        ca_file = replicas[0].ca_file if replicas else write_ca(self, make_ca())
+        return start_gateway(self, replicas_config(ca_file, ports, **overrides))
+
+    def check_health(self, gateway: Gateway) -> list[tuple[str, bool]]:
+        """Run the parent's checks in process, every 0.1 s, into the gateway's router."""
+        changes: list[tuple[str, bool]] = []
+
+        def changed(name: str, up: bool, models: Any) -> None:
+            changes.append((name, up))
+            gateway.resource.router.set_health(name, up, models)
+
+        config = gateway.resource.config
+        checker = HealthChecker(
+            config.upstreams,
+            UpstreamClient(reactor, config),
+            KeyRing(None, None),
+            reactor,
+            0.1,
+            changed,
+        )
+        checker.startService()
+        self.addCleanup(checker.stopService)
+        return changes
+
+    def assertNoDrift(self, gateway: Gateway) -> None:
+        self.assertEqual(
+            [r.in_flight for r in gateway.resource.router.replicas],
+            [0] * len(gateway.resource.router.replicas),
+        )
+
+    @inline
+    async def test_load_is_shared(self) -> None:
+        replicas = self.replicas(Behaviour(), Behaviour())
+        gateway = self.gateway(replicas)
+        statuses = [(await request(self, gateway.port, body=chat_body())).status for _ in range(20)]
+        self.assertEqual(statuses, [200] * 20)
+        started = [replica.model.started for replica in replicas]
+        self.assertEqual(sum(started), 20)
+        self.assertNotIn(0, started)
+        self.assertNoDrift(gateway)
+
+    @inline
+    async def test_model_goes_where_it_is_served(self) -> None:
+        """A model goes only to the replicas that list it; an unknown one to any."""
+        replicas = self.replicas(Behaviour(), Behaviour(), models=("llama", "qwen"))
+        gateway = self.gateway(replicas)
+        changes = self.check_health(gateway)
+        await eventually(lambda: len(changes) == 2)
+        for _ in range(6):
+            reply = await request(self, gateway.port, body=chat_body(model="qwen"))
+            self.assertEqual(reply.status, 200)
+        self.assertEqual([r.model.started for r in replicas], [0, 6])
+        for _ in range(20):
+            await request(self, gateway.port, body=chat_body(model="mistral"))
+        self.assertEqual(sum(r.model.started for r in replicas), 26)
+        self.assertGreater(replicas[0].model.started, 0)
+
+    @inline
+    async def test_models_are_the_union(self) -> None:
+        replicas = self.replicas(
+            Behaviour(), Behaviour(), Behaviour(), models=("llama", "qwen", "llama")
+        )
+        gateway = self.gateway(replicas)
+        changes = self.check_health(gateway)
+        await eventually(lambda: len(changes) == 3)
+        reply = await request(self, gateway.port, "GET", b"/v1/models")
+        self.assertEqual(reply.status, 200)
+        listing = reply.json()
+        self.assertEqual(listing["object"], "list")
+        self.assertEqual([entry["id"] for entry in listing["data"]], ["llama", "qwen"])
+        self.assertHardened(reply)
+
+    @inline
+    async def test_refused_replica_is_skipped(self) -> None:
+        """A replica that refuses connections fails no request, and is avoided after."""
+        (live,) = self.replicas(Behaviour())
+        gateway = self.gateway([live], dead=1)
+        statuses = [(await request(self, gateway.port, body=chat_body())).status for _ in range(10)]
+        self.assertEqual(statuses, [200] * 10)
+        dead = gateway.resource.router.replicas[1]
+        self.assertLessEqual(dead.failures, 1)
+        self.assertEqual(live.model.started, 10)
+        self.assertNoDrift(gateway)
+
+    @inline
+    async def test_503_goes_elsewhere(self) -> None:
+        busy, calm = self.replicas(Behaviour(fault="503"), Behaviour())
+        gateway = self.gateway([busy, calm])
+        statuses = [(await request(self, gateway.port, body=chat_body())).status for _ in range(10)]
+        self.assertEqual(statuses, [200] * 10)
+        self.assertEqual(calm.model.started, 10)
+        self.assertNoDrift(gateway)
+
+    @inline
+    async def test_lone_503_passes_through(self) -> None:
+        (busy,) = self.replicas(Behaviour(fault="503"))
+        gateway = self.gateway([busy])
+        reply = await request(self, gateway.port, body=chat_body())
+        self.assertEqual(reply.status, 503)
+        self.assertEqual(reply.json()["error"]["message"], "mock fault: service unavailable")
+
+    @inline
+    async def test_retries_are_bounded(self) -> None:
+        """With --retries 1, the second replica's 503 is the answer."""
+        replicas = self.replicas(
+            Behaviour(fault="503"), Behaviour(fault="503"), Behaviour(fault="503")
+        )
+        gateway = self.gateway(replicas, retries=1)
+        reply = await request(self, gateway.port, body=chat_body())
+        self.assertEqual(reply.status, 503)
+        self.assertEqual(sum(r.model.started for r in replicas), 2)
+
+    @inline
+    async def test_500_and_429_are_not_retried(self) -> None:
+        for fault in ("500", "429"):
+            failing, calm = self.replicas(Behaviour(fault=fault), Behaviour())
+            gateway = self.gateway([failing, calm])
+            statuses = [
+                (await request(self, gateway.port, body=chat_body())).status for _ in range(12)
+            ]
+            self.assertEqual(failing.model.started + calm.model.started, 12)
+            self.assertEqual(statuses.count(int(fault)), failing.model.started)
+            self.assertGreater(failing.model.started, 0)
+
+    @inline
+    async def test_all_down(self) -> None:
+        gateway = self.gateway([], dead=2)
+        changes = self.check_health(gateway)
+        reply = await request(self, gateway.port, body=chat_body())
+        error = self.assertError(reply, 502, "api_error", code="upstream_unreachable")
+        self.assertIn("refused", str(error["message"]))
+        self.assertHardened(reply)
+        await eventually(lambda: len(changes) == 2)
+        ready = await request(self, gateway.port, "GET", b"/readyz")
+        error = self.assertError(ready, 503, "api_error", code="upstream_unavailable")
+        for replica in gateway.resource.config.upstreams:
+            self.assertIn(f"{replica} down", str(error["message"]))
+        self.assertNoDrift(gateway)
+
+    @inline
+    async def test_readyz_lists_replicas(self) -> None:
+        (live,) = self.replicas(Behaviour())
+        gateway = self.gateway([live], dead=1)
+        changes = self.check_health(gateway)
+        await eventually(lambda: len(changes) == 2)
+        reply = await request(self, gateway.port, "GET", b"/readyz")
+        up, down = gateway.resource.config.upstreams
+        self.assertEqual(
+            (reply.status, reply.json()),
+            (
+                200,
+                {
+                    "status": "ready",
+                    "upstreams": [
+                        {"upstream": up, "state": "up"},
+                        {"upstream": down, "state": "down"},
+                    ],
+                },
+            ),
+        )
+
+    @inline
+    async def test_cancelled_stream_releases_its_replica(self) -> None:
+        """A client that leaves mid-stream ends the lease, so nothing drifts."""
+        (slow,) = self.replicas(Behaviour(chunks=50, interval=0.05))
+        gateway = self.gateway([slow])
+        sock = socket.create_connection(("127.0.0.1", gateway.port))
+        self.addCleanup(sock.close)
+        sock.sendall(http_post(chat_body(stream=True)))
+        await eventually(lambda: slow.model.started == 1)
+        self.assertEqual(gateway.resource.router.replicas[0].in_flight, 1)
+        sock.close()
+        await eventually(lambda: slow.model.cancelled == 1)
+        await eventually(lambda: gateway.resource.router.replicas[0].in_flight == 0)
