@@ -48,7 +48,7 @@ typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
 ## bench: gateway vs. direct vs. the bare floors (see BENCHMARKS.md);
-## `make bench BENCH_ARGS=--quick` is a smoke run of about a minute.
+## `make bench BENCH_ARGS=--quick` is a smoke run of a minute or two.
 bench: $(STAMP)
 	$(PY) bench/run.py $(BENCH_ARGS)
 
