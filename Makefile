@@ -47,9 +47,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-## bench: gateway vs. direct vs. the bare floor (see BENCHMARKS.md).
+## bench: gateway vs. direct vs. the bare floors (see BENCHMARKS.md);
+## `make bench BENCH_ARGS=--quick` is a smoke run of a minute or two.
 bench: $(STAMP)
-	$(PY) bench/run.py
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 ## deb: build, lint, install and test the Debian package (needs root).
 deb:

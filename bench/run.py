@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """
-`make bench`: the gateway against a direct connection and the bare floor forwarder.
+`make bench`: the gateway against a direct connection and the bare floors.
 
     .venv/bin/python bench/run.py                      # what `make bench` runs
     .venv/bin/python bench/run.py --update BENCHMARKS.md   # and rewrite its table
+    .venv/bin/python bench/run.py --quick              # a smoke run of a minute or two
 
 Everything runs on 127.0.0.1 with real, fast stand-ins, and is torn down on exit:
 
@@ -14,13 +15,18 @@ Everything runs on 127.0.0.1 with real, fast stand-ins, and is torn down on exit
   per-event delivery latency, lost events and stalls;
 - the systems under test: the upstream direct, the gateway (`--workers 2`, client
   keys, an upstream key, a trusted proxy, the cross-worker limiter with a limit
-  too high to trip, the access log), the same gateway with `--rate-limit 0`, and
-  the floor (../shared/bench/floor.py, a bare Twisted + treq forwarder).
+  too high to trip, the access log), the same gateway with `--rate-limit 0`, the
+  same gateway in front of two nginx replicas (`--upstream`, twice: skipped,
+  with a message, when the gateway has no `--upstream`), and the floor
+  (bench/floor.py, a bare Twisted + treq forwarder);
+- for streams, the upstream direct, the pump (bench/pump.py, a bare Twisted TLS
+  byte pump, no HTTP: the floor of CPU per relayed event and per stream
+  opened), and the gateway.
 
 The request/response runs are interleaved round by round, rotating the order, so
 that drift of the machine hits every system alike; each figure is the median of
 the rounds.  Each stream test runs direct first, to show that the source and the
-client stay clean at that size.  Missing tools (nginx, wrk, gcc, libssl-dev) are
+client stay clean at that size, then through the pump, then the gateway.  Missing tools (nginx, wrk, gcc, libssl-dev) are
 installed with apt-get when running as root, and named otherwise.
 """
 
@@ -56,6 +62,8 @@ ROOT = HERE.parent
 POST_LUA = HERE / "post.lua"
 SSE_C = HERE / "sse.c"
 LIMITER_PY = HERE / "limiter.py"
+FLOOR_PY = HERE / "floor.py"
+PUMP_PY = HERE / "pump.py"
 
 MODEL = "TheBloke/Mistral-7B-Instruct-v0.2-AWQ"
 CHAT_BODY = json.dumps(
@@ -103,6 +111,7 @@ FORWARDED_FOR = "127.0.0.2"  # the client behind the trusted proxy; loopback, ne
 
 #: The targets from the issue, checked in the summary.
 TARGET_RATIO = 1.25
+TARGET_REPLICAS_RATIO = 1.0  # issue 10: two replicas serve at least what one does
 TARGET_ADDED_P50_MS = 0.5
 TARGET_ADDED_P99_MS = 1.0
 TARGET_STREAM_P99_MS = 20.0
@@ -389,17 +398,18 @@ class System:
         self.pids = process_tree(self.process.pid)
 
 
-def write_nginx_conf(workdir: Path, port: int, tls: Path) -> Path:
-    conf = workdir / "nginx.conf"
-    temp = workdir / "nginx-temp"
+def write_nginx_conf(workdir: Path, port: int, tls: Path, name: str = "nginx") -> Path:
+    """The canned upstream; C{name} keeps the files of each instance apart."""
+    conf = workdir / f"{name}.conf"
+    temp = workdir / f"{name}-temp"
     temp.mkdir(exist_ok=True)
     user = "user root;\n" if os.geteuid() == 0 else ""
     conf.write_text(
         f"""{user}daemon off;
 worker_processes 1;
 worker_rlimit_nofile {FILE_LIMIT};
-pid {workdir}/nginx.pid;
-error_log {workdir}/nginx-error.log warn;
+pid {workdir}/{name}.pid;
+error_log {workdir}/{name}-error.log warn;
 events {{ worker_connections 10000; }}
 http {{
     access_log off;
@@ -432,8 +442,16 @@ http {{
 
 
 def gateway_argv(
-    python: str, workdir: Path, name: str, port: int, upstream: int, rate_limit: int
+    python: str, workdir: Path, name: str, port: int, upstream: int | list[str], rate_limit: int
 ) -> list[str]:
+    """
+    The gateway under test; C{upstream} is the one upstream's port on 127.0.0.1
+    (C{--aihost}), or a list of replica URLs (C{--upstream}, each).
+    """
+    if isinstance(upstream, int):
+        upstream_args = ["--aihost", "127.0.0.1", "--aihostport", str(upstream)]
+    else:
+        upstream_args = [arg for url in upstream for arg in ("--upstream", url)]
     twistd = str(Path(python).with_name("twistd"))
     keys = workdir / "client-keys"
     keys.write_text(f"# bench client\n{CLIENT_KEY}\n")
@@ -450,10 +468,7 @@ def gateway_argv(
         "127.0.0.1",
         "--bindport",
         str(port),
-        "--aihost",
-        "127.0.0.1",
-        "--aihostport",
-        str(upstream),
+        *upstream_args,
         "--aica",
         str(workdir / "tls" / "ca.pem"),
         "--workers",
@@ -488,6 +503,21 @@ def wait_for_workers(system: System, count: int = 2, seconds: float = 30.0) -> N
             break
         time.sleep(0.1)
     raise RuntimeError(f"{system.label}: workers did not start:\n{text[-2000:]}")
+
+
+def wait_for_floor_workers(
+    process: Any, processes: Processes, count: int = 2, seconds: float = 30.0
+) -> None:
+    """bench/floor.py and bench/pump.py print "serving" once each worker's reactor runs."""
+    deadline = time.monotonic() + seconds
+    log = processes.workdir / f"{process.name}.log"
+    while time.monotonic() < deadline:
+        if log.exists() and log.read_text(errors="replace").count("serving") >= count:
+            return
+        if process.poll() is not None:
+            break
+        time.sleep(0.05)
+    raise RuntimeError(f"{process.name}: workers did not start:\n{processes.log_tail(process)}")
 
 
 def check_reply(system: System, tls: Path, expect_gateway: bool) -> None:
@@ -740,7 +770,7 @@ def start_gateway(
     workdir: Path,
     name: str,
     label: str,
-    upstream: int,
+    upstream: int | list[str],
     rate_limit: int,
     path: str | None = None,
 ) -> System:
@@ -755,6 +785,18 @@ def start_gateway(
     wait_for_port(port, process, processes)
     wait_for_workers(system)
     return system
+
+
+def gateway_has_replicas(python: str, gateway_path: str) -> bool:
+    """Whether this gateway takes C{--upstream} (issue 10), from its C{--help}."""
+    env = dict(os.environ)
+    if gateway_path:
+        env["PYTHONPATH"] = gateway_path
+    twistd = str(Path(python).with_name("twistd"))
+    done = subprocess.run(
+        [twistd, "llmgw", "--help"], env=env, capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    return re.search(r"--upstream=", done.stdout) is not None
 
 
 def http_section(
@@ -778,6 +820,40 @@ def http_section(
     nolimit = start_gateway(
         processes, args, workdir, "gateway-nolimit", "gateway, limiter off", nginx_port, 0
     )
+
+    # Two replicas: two more nginx instances, the same canned upstream as the
+    # one above, named by the host name their certificate is issued for.
+    replicas: list[System] = []
+    replica_servers = []
+    if args.replicas and gateway_has_replicas(args.gateway_python, args.gateway_path):
+        urls = []
+        for n in (1, 2):
+            port = free_port()
+            conf = write_nginx_conf(workdir, port, tls, f"nginx-replica-{n}")
+            server = processes.start(
+                f"nginx-replica-{n}", [nginx_binary(), "-p", str(workdir), "-c", str(conf)]
+            )
+            wait_for_port(port, server, processes)
+            replica_servers.append(server)
+            urls.append(f"https://localhost:{port}")
+        replicas.append(
+            start_gateway(
+                processes,
+                args,
+                workdir,
+                "gateway-replicas",
+                "gateway, two replicas",
+                urls,
+                100_000_000,
+            )
+        )
+    elif args.replicas:
+        results["replicas_skipped"] = (
+            "the gateway has no --upstream yet (issue 10), so the two-replica round did not run"
+        )
+        say(f"bench: {results['replicas_skipped']}")
+    else:
+        results["replicas_skipped"] = "the two-replica round was not asked for (--no-replicas)"
 
     compared = [
         start_gateway(
@@ -806,6 +882,7 @@ def http_section(
         ],
     )
     wait_for_port(floor_port, floor, processes)
+    wait_for_floor_workers(floor, processes)
     floor_system = System(
         "floor",
         "floor (floor.py)",
@@ -814,7 +891,7 @@ def http_section(
         False,
     )
     time.sleep(1.0)  # let every worker finish importing before idle RSS is read
-    for system in (gateway, nolimit, floor_system, *compared):
+    for system in (gateway, nolimit, *replicas, floor_system, *compared):
         system.refresh_pids()
 
     idle = {
@@ -824,7 +901,7 @@ def http_section(
     }
     results["idle_rss"] = idle
 
-    systems = [direct, gateway, nolimit, floor_system, *compared]
+    systems = [direct, gateway, nolimit, *replicas, floor_system, *compared]
     for system in systems:
         check_reply(system, tls, expect_gateway=system.key.startswith("gateway"))
     say("bench: warming up")
@@ -852,9 +929,56 @@ def http_section(
         "runs": runs,
     }
     results["gateway_after_rss_kb"] = [rss_kb(pid) for pid in gateway_workers(gateway)]
-    for system in (*compared, floor_system, nolimit, gateway):
+    for system in (*compared, floor_system, *replicas, nolimit, gateway):
         processes.stop(system.process)
-    processes.stop(nginx)
+    for server in (*replica_servers, nginx):
+        processes.stop(server)
+
+
+def start_pump(
+    processes: Processes, args: argparse.Namespace, workdir: Path, name: str, upstream: int
+) -> System:
+    """The stream floor, two workers, in front of the source on 127.0.0.1."""
+    port = free_port()
+    argv = [
+        args.gateway_python,
+        str(args.pump),
+        str(port),
+        "127.0.0.1",
+        str(upstream),
+        str(workdir / "tls" / "ca.pem"),
+        "2",
+    ]
+    process = processes.start(name, argv)
+    wait_for_port(port, process, processes)
+    wait_for_floor_workers(process, processes)
+    return System(
+        name, "pump (pump.py)", f"http://127.0.0.1:{port}/v1/chat/completions", process, False
+    )
+
+
+def measure_relay(
+    system: System, sse: str, shape: dict[str, Any], processes: Processes, idle_kb: int
+) -> dict[str, Any]:
+    """One stream test through a relay (pump or gateway), with its CPU and memory."""
+    port = int(system.url.rsplit(":", 1)[1].split("/", 1)[0])
+    cpu_before = cpu_seconds(system.pids)
+    parent_before = cpu_seconds([system.process.pid])
+    with RssSampler(system.pids) as sampler, ForeignLoad(processes) as foreign:
+        via = run_streams(sse, port, tls=False, **shape)
+    via["foreign_cores"] = foreign.cores
+    cpu = cpu_seconds(system.pids) - cpu_before
+    via["cpu_us_per_event"] = cpu / max(via["events"], 1) * 1e6
+    via["cpu_us_per_stream"] = cpu / max(via["streams_ok"], 1) * 1e6
+    via["parent_cpu_us_per_event"] = (
+        (cpu_seconds([system.process.pid]) - parent_before) / max(via["events"], 1) * 1e6
+    )
+    via["cpu_cores"] = cpu / via["wall"]
+    via["idle_rss_kb"] = idle_kb
+    via["peak_rss_kb"] = sampler.peak
+    via["peak_rss_each_kb"] = sampler.peak_each
+    via["rss_per_stream_kb"] = (sampler.peak - idle_kb) / max(via["peak_open"], 1)
+    return via
 
 
 def streams_section(
@@ -894,7 +1018,7 @@ def streams_section(
             dict(
                 conns=args.open_streams,
                 streams=1,
-                chunks=30,
+                chunks=args.open_chunks,
                 interval_ms=1000.0,
                 ramp=args.open_ramp,
             ),
@@ -903,12 +1027,16 @@ def streams_section(
     for name, shape in tests:
         if name not in args.stream_tests.split(","):
             continue
+        # Both relays start fresh and idle while direct runs; idle RSS is read then.
         gateway = start_gateway(
             processes, args, workdir, f"gateway-sse-{name}", "gateway", source_port, 100_000_000
         )
+        pump = start_pump(processes, args, workdir, f"pump-sse-{name}", source_port)
         time.sleep(0.5)
-        gateway.refresh_pids()
-        idle_kb = sum(rss_kb(pid) for pid in gateway.pids)
+        idle: dict[str, int] = {}
+        for relay in (gateway, pump):
+            relay.refresh_pids()
+            idle[relay.key] = sum(rss_kb(pid) for pid in relay.pids)
         idle_each = [rss_kb(pid) for pid in gateway.pids]
         say(f"bench: streams ({name}) direct: {shape}")
         source_cpu = cpu_seconds(source_pids)
@@ -919,26 +1047,15 @@ def streams_section(
             (cpu_seconds(source_pids) - source_cpu) / max(direct["events"], 1) * 1e6
         )
         say(f"bench: streams ({name}) direct: {summary_line(direct)}")
-        gateway_port = int(gateway.url.rsplit(":", 1)[1].split("/", 1)[0])
+        say(f"bench: streams ({name}) through the pump")
+        via_pump = measure_relay(pump, sse, shape, processes, idle[pump.key])
+        say(f"bench: streams ({name}) pump: {summary_line(via_pump)}")
+        processes.stop(pump.process)
         say(f"bench: streams ({name}) through the gateway")
-        cpu_before = cpu_seconds(gateway.pids)
-        parent_before = cpu_seconds([gateway.process.pid])
-        with RssSampler(gateway.pids) as sampler, ForeignLoad(processes) as foreign:
-            via = run_streams(sse, gateway_port, tls=False, **shape)  # type: ignore[arg-type]
-        via["foreign_cores"] = foreign.cores
-        cpu = cpu_seconds(gateway.pids) - cpu_before
-        via["gateway_cpu_us_per_event"] = cpu / max(via["events"], 1) * 1e6
-        via["gateway_parent_cpu_us_per_event"] = (
-            (cpu_seconds([gateway.process.pid]) - parent_before) / max(via["events"], 1) * 1e6
-        )
-        via["gateway_cpu_cores"] = cpu / via["wall"]
-        via["idle_rss_kb"] = idle_kb
+        via = measure_relay(gateway, sse, shape, processes, idle[gateway.key])
         via["idle_rss_each_kb"] = idle_each
-        via["peak_rss_kb"] = sampler.peak
-        via["peak_rss_each_kb"] = sampler.peak_each
-        via["rss_per_stream_kb"] = (sampler.peak - idle_kb) / max(via["peak_open"], 1)
         say(f"bench: streams ({name}) gateway: {summary_line(via)}")
-        out[name] = {"shape": shape, "direct": direct, "gateway": via}
+        out[name] = {"shape": shape, "direct": direct, "pump": via_pump, "gateway": via}
         processes.stop(gateway.process)
     processes.stop(source)
     results["streams"] = out
@@ -1062,7 +1179,6 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
             f"gateway's CPU per request ({fmt(on['cpu'], 0)} vs {fmt(off['cpu'], 0)} µs with `--rate-limit 0`), "
             f"{share_rps:.0%} of its throughput; at 1 connection it adds {limiter_added50:+.3f} ms to p50"
         )
-        add("")
         results["derived"] = {
             "ratio": ratio,
             "added_p50_ms": added50,
@@ -1071,6 +1187,46 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
             "limiter_share_rps": share_rps,
             "limiter_added_p50_ms": limiter_added50,
         }
+        if ("gateway-replicas", 50) in med:
+            replicas_ratio = per_round(
+                "gateway-replicas", "gateway", 50, lambda r, g: r["rps"] / g["rps"]
+            )
+            each_round = [
+                r["rps"] / g["rps"]
+                for r, g in zip(
+                    med[("gateway-replicas", 50)]["runs"], med[("gateway", 50)]["runs"], strict=True
+                )
+            ]
+            replicas_added50 = per_round(
+                "gateway-replicas", "gateway", 1, lambda r, g: (r["p50_us"] - g["p50_us"]) / 1000
+            )
+            replicas_added99 = per_round(
+                "gateway-replicas", "gateway", 1, lambda r, g: (r["p99_us"] - g["p99_us"]) / 1000
+            )
+            add(
+                f"- Two replicas ÷ one upstream at 50 connections: **{replicas_ratio:.2f}×** throughput "
+                f"(median of the per-round ratios, {min(each_round):.2f}–{max(each_round):.2f}; medians "
+                f"{fmt(med[('gateway-replicas', 50)]['rps'], 0)} vs {fmt(on['rps'], 0)} req/s); at 1 connection "
+                f"two replicas add {replicas_added50:+.3f} / {replicas_added99:+.3f} ms to p50 / p99"
+            )
+            results["derived"]["replicas_ratio"] = replicas_ratio
+            results["derived"]["replicas_added_p50_ms"] = replicas_added50
+            results["derived"]["replicas_added_p99_ms"] = replicas_added99
+            replicas_target = (
+                "throughput at 50 connections, two replicas ÷ one upstream",
+                f"{replicas_ratio:.2f}×",
+                f"≥ {TARGET_REPLICAS_RATIO:.2f}×",
+                replicas_ratio >= TARGET_REPLICAS_RATIO,
+            )
+        else:
+            add(f"- Two replicas: not measured: {results.get('replicas_skipped', 'not run')}")
+            replicas_target = (
+                "throughput at 50 connections, two replicas ÷ one upstream",
+                "not run",
+                f"≥ {TARGET_REPLICAS_RATIO:.2f}×",
+                None,
+            )
+        add("")
         targets += [
             (
                 "throughput at 50 connections, gateway ÷ floor",
@@ -1090,16 +1246,19 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
                 f"≤ {TARGET_ADDED_P99_MS} ms",
                 added99 <= TARGET_ADDED_P99_MS,
             ),
+            replicas_target,
         ]
 
     streams = results.get("streams")
     if streams:
-        add("### Streams (paced SSE source over HTTPS; each test direct first)")
+        add(
+            "### Streams (paced SSE source over HTTPS; each test direct first, then the pump, then the gateway)"
+        )
         add("")
         add(
-            "| test | path | streams ok / run | events | lost | stalls | max gap ms | latency p50 / p90 / p99 / max ms | added p50 / p99 ms | gateway CPU µs/event | RSS KB/open stream |"
+            "| test | path | streams ok / run | events | lost | stalls | max gap ms | latency p50 / p90 / p99 / max ms | added p50 / p99 ms | CPU µs/event | CPU µs/stream | RSS KB/open stream |"
         )
-        add("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        add("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         names = {
             "i": "(i) {conns} × {chunks} events, {interval_ms:g} ms apart",
             "ii": "(ii) {conns} open × {chunks} events, {interval_ms:g} ms apart",
@@ -1108,17 +1267,25 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
             shape = test["shape"]
             title = names[name].format(**shape)
             d, g = test["direct"], test["gateway"]
-            add50 = g["lat_p50_ms"] - d["lat_p50_ms"]
             add99 = g["lat_p99_ms"] - d["lat_p99_ms"]
-            for path, r in (("direct", d), ("gateway", g)):
-                added = f"{add50:+.2f} / {add99:+.2f}" if path == "gateway" else ""
-                cpu = fmt(r.get("gateway_cpu_us_per_event"), 1) if path == "gateway" else ""
-                rss = fmt(r.get("rss_per_stream_kb"), 1) if path == "gateway" else ""
+            paths = [("direct", d), ("pump", test.get("pump")), ("gateway", g)]
+            for path, r in paths:
+                if r is None:
+                    continue
+                relay = path != "direct"
+                added = (
+                    f"{r['lat_p50_ms'] - d['lat_p50_ms']:+.2f} / {r['lat_p99_ms'] - d['lat_p99_ms']:+.2f}"
+                    if relay
+                    else ""
+                )
+                cpu = fmt(r.get("cpu_us_per_event"), 1) if relay else ""
+                per_stream = fmt(r.get("cpu_us_per_stream"), 0) if relay else ""
+                rss = fmt(r.get("rss_per_stream_kb"), 1) if relay else ""
                 add(
                     f"| {title} | {path} | {r['streams_ok']:,} / {r['streams_expected']:,} | "
                     f"{r['events']:,} / {r['events_expected']:,} | {r['lost']} | {r['stalls']} | "
                     f"{r['max_gap_ms']:.1f} | {r['lat_p50_ms']:.2f} / {r['lat_p90_ms']:.2f} / "
-                    f"{r['lat_p99_ms']:.2f} / {r['lat_max_ms']:.1f} | {added} | {cpu} | {rss} |"
+                    f"{r['lat_p99_ms']:.2f} / {r['lat_max_ms']:.1f} | {added} | {cpu} | {per_stream} | {rss} |"
                 )
             failed = g["streams_failed"]
             if name == "i":
@@ -1133,9 +1300,9 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
                     ),
                     (
                         "(i) gateway CPU per event",
-                        f"{g['gateway_cpu_us_per_event']:.1f} µs",
+                        f"{g['cpu_us_per_event']:.1f} µs",
                         f"≤ {TARGET_CPU_PER_CHUNK_US:g} µs",
-                        g["gateway_cpu_us_per_event"] <= TARGET_CPU_PER_CHUNK_US,
+                        g["cpu_us_per_event"] <= TARGET_CPU_PER_CHUNK_US,
                     ),
                 ]
             else:
@@ -1158,14 +1325,25 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
         for name, test in streams.items():
             d, g = test["direct"], test["gateway"]
             add(
-                f"- ({name}) gateway: {g['gateway_cpu_cores']:.2f} cores busy "
-                f"(parent {g['gateway_parent_cpu_us_per_event']:.1f} µs/event), peak {g['peak_open']:,} open streams, "
+                f"- ({name}) gateway: {g['cpu_cores']:.2f} cores busy "
+                f"(parent {g['parent_cpu_us_per_event']:.1f} µs/event), peak {g['peak_open']:,} open streams, "
                 f"RSS {g['idle_rss_kb'] / 1024:.1f} → {g['peak_rss_kb'] / 1024:.1f} MB "
                 f"(per process {', '.join(f'{k / 1024:.1f}' for k in g['peak_rss_each_kb'])} MB); "
                 f"load generator {d['client_cpu_us_per_event']:.1f} / {g['client_cpu_us_per_event']:.1f} µs/event "
                 f"(direct / gateway), source {d['source_cpu_us_per_event']:.1f} µs/event; other processes "
                 f"{d['foreign_cores']:.2f} / {g['foreign_cores']:.2f} cores"
             )
+            p = test.get("pump")
+            if p:
+                add(
+                    f"- ({name}) pump: {p['cpu_cores']:.2f} cores busy, RSS {p['idle_rss_kb'] / 1024:.1f} → "
+                    f"{p['peak_rss_kb'] / 1024:.1f} MB; the gateway costs "
+                    f"**{g['cpu_us_per_event'] / p['cpu_us_per_event']:.1f}×** the pump's CPU per event "
+                    f"({g['cpu_us_per_event']:.1f} vs {p['cpu_us_per_event']:.1f} µs) and "
+                    f"{g['cpu_us_per_stream'] / p['cpu_us_per_stream']:.1f}× its CPU per stream "
+                    f"({fmt(g['cpu_us_per_stream'], 0)} vs {fmt(p['cpu_us_per_stream'], 0)} µs); "
+                    f"other processes {p['foreign_cores']:.2f} cores"
+                )
         add("")
 
     idle = results.get("idle_rss")
@@ -1228,11 +1406,23 @@ def update_file(path: Path, table: str) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    default_floor = ROOT.parent / "shared" / "bench" / "floor.py"
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--floor", type=Path, default=Path(os.environ.get("BENCH_FLOOR", default_floor)))
+    p.add_argument("--floor", type=Path, default=FLOOR_PY, help="the request floor to run")
+    p.add_argument("--pump", type=Path, default=PUMP_PY, help="the stream floor to run")
+    p.add_argument(
+        "--replicas",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the gateway in front of two nginx replicas too (needs --upstream, issue 10)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: one short round, small stream tests, no limiter bench; "
+        "its figures are not for BENCHMARKS.md",
+    )
     p.add_argument(
         "--gateway-python",
         default=sys.executable,
@@ -1259,6 +1449,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--open-streams", type=int, default=5000)
     p.add_argument(
+        "--open-chunks", type=int, default=30, help="events per stream in (ii), 1 s apart"
+    )
+    p.add_argument(
         "--open-ramp",
         type=float,
         default=10.0,
@@ -1269,14 +1462,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--update", type=Path, help="rewrite the table between the bench markers of this file"
     )
     p.add_argument("--json", type=Path, help="write every raw figure here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.rounds = 1
+        args.seconds_1 = args.seconds_50 = 2.0
+        args.warmup = 1.0
+        args.rate_streams, args.rate_rounds = 100, 1
+        args.open_streams, args.open_chunks, args.open_ramp = 300, 5, 1.0
+        args.only = ",".join(s for s in args.only.split(",") if s != "limiter")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sections = set(args.only.split(","))
     if "http" in sections and not args.floor.exists():
-        sys.exit(f"bench: the floor is not at {args.floor} (set BENCH_FLOOR or --floor)")
+        sys.exit(f"bench: the floor is not at {args.floor} (see --floor)")
+    if "streams" in sections and not args.pump.exists():
+        sys.exit(f"bench: the pump is not at {args.pump} (see --pump)")
     ensure_tools()
     file_limit = raise_file_limit()
     if file_limit < args.open_streams * 2 + 1000:
