@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
+from twisted.internet import defer, task
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import provider
 
 from llmgw import errors
-from llmgw.devtls import make_ca
+from llmgw.devtls import issue_server_certificate, make_ca
 from llmgw.health import (
     CHECK_DEADLINE,
     HealthChecker,
@@ -23,8 +28,19 @@ from llmgw.health import (
     state_name,
 )
 from llmgw.keys import KeyRing
+from llmgw.options import Config
 from llmgw.upstream import ReplicaUnreachable, UpstreamClient
-from tests.loopback import eventually, inline, reactor, replicas_config, start_upstream
+from tests.loopback import (
+    chat_body,
+    eventually,
+    free_port,
+    inline,
+    reactor,
+    replicas_config,
+    request,
+    start_upstream,
+)
+from tests.test_cluster import GatewayProcess, serving
 
 A = "https://a.test:8000"
 B = "https://b.test:8000"
@@ -271,3 +287,147 @@ class LoopbackTests(TestCase):
         await second.service.stopService()
         await eventually(lambda: len(changes) == 3)
         self.assertEqual(changes[2], (second_name, False, ["qwen"]))
+
+
+class ReplicaProcess(ProcessProtocol):
+    """A stand-in model in its own process, so that a test can SIGKILL it."""
+
+    def __init__(self) -> None:
+        self.output = b""
+        self.ended: Deferred[None] = Deferred()
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        self.output += data
+
+    def processEnded(self, reason: Any) -> None:
+        self.ended.callback(None)
+
+    def signal(self, name: str) -> None:
+        assert self.transport is not None
+        self.transport.signalProcess(name)
+
+
+class ReplicaProcessTests(TestCase):
+    """
+    A real gateway (C{llmgw --workers 2}, health checks in its parent, verdicts
+    told to its workers over AMP) in front of two stand-in models in their own
+    processes.
+    """
+
+    timeout = 90
+
+    def setUp(self) -> None:
+        ca = make_ca()
+        cert, key = issue_server_certificate(ca, ("localhost",), ("127.0.0.1",))
+        self.cert, self.key, self.ca_file = Path(self.mktemp()), Path(self.mktemp()), self.mktemp()
+        self.cert.write_bytes(cert)
+        self.key.write_bytes(key)
+        Path(self.ca_file).write_bytes(ca.cert_pem)
+        self.processes: list[ReplicaProcess] = []
+
+    async def start_replica(self, port: int) -> ReplicaProcess:
+        process = ReplicaProcess()
+        portfile = Path(self.mktemp())
+        args = [
+            sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+            "--nodaemon", "--pidfile=", "llmgw-mock",
+            "--port", str(port), "--cert", str(self.cert), "--key", str(self.key),
+            "--delay", "0.05", "--portfile", str(portfile),
+        ]  # fmt: skip
+        transport = reactor.spawnProcess(process, sys.executable, args, env=os.environ.copy())
+
+        def stop() -> Deferred[None]:
+            if not process.ended.called:
+                transport.signalProcess("KILL")
+            return process.ended
+
+        self.addCleanup(stop)
+        self.processes.append(process)
+        await eventually(lambda: portfile.exists() or process.ended.called, timeout=20)
+        if not portfile.exists():
+            raise AssertionError("the stand-in did not start:\n" + process.output.decode())
+        return process
+
+    async def started_on(self, port: int) -> int:
+        """How many chat completions the stand-in on C{port} has accepted."""
+        client = UpstreamClient(reactor, Config(aica=self.ca_file))
+        self.addCleanup(client.pool.closeCachedConnections)
+        origin = f"https://localhost:{port}".encode()
+        response = await client.send(b"GET", b"/mock/stats", None, None, 5.0, origin)
+        _, _, stats = await client.read_json(response)
+        return int(stats["started"])
+
+    def start_gateway(self, ports: list[int]) -> tuple[GatewayProcess, int]:
+        upstreams = [arg for port in ports for arg in ("--upstream", f"https://localhost:{port}")]
+        gateway_port = free_port()
+        gateway = GatewayProcess()
+        args = [
+            sys.executable, "-m", "llmgw.cli", "--bindport", str(gateway_port), "--workers", "2",
+            *upstreams, "--aica", self.ca_file, "--health-interval", "0.2", "--rate-limit", "0",
+        ]  # fmt: skip
+        transport = reactor.spawnProcess(
+            gateway, sys.executable, args, env={**os.environ, "NO_COLOR": "1"},
+            childFDs={0: "w", 1: "r", 2: "r"},
+        )  # fmt: skip
+
+        def stop() -> Deferred[Any]:
+            if gateway.ended.called:
+                return defer.succeed(None)
+            transport.signalProcess("TERM")
+            return gateway.ended
+
+        self.addCleanup(stop)
+        return gateway, gateway_port
+
+    @inline
+    async def test_kill_and_return(self) -> None:
+        ports = [free_port(), free_port()]
+        replicas = [await self.start_replica(port) for port in ports]
+        gateway, gateway_port = self.start_gateway(ports)
+        await serving(self, gateway, gateway_port)
+        await eventually(lambda: gateway.text().count("is up, serving") == 2, timeout=10)
+
+        # Under load, SIGKILL one replica: only requests already in flight may fail.
+        results: list[tuple[float, float, int]] = []
+        killed_at: list[float] = []
+
+        async def lane() -> None:
+            while not killed_at or time.monotonic() < killed_at[0] + 2.0:
+                began = time.monotonic()
+                reply = await request(self, gateway_port, body=chat_body())
+                results.append((began, time.monotonic(), reply.status))
+
+        lanes = [Deferred.fromCoroutine(lane()) for _ in range(4)]
+        await task.deferLater(reactor, 1.0, lambda: None)
+        replicas[0].signal("KILL")
+        killed_at.append(time.monotonic())
+        await replicas[0].ended
+        await defer.gatherResults(lanes)
+        after = [status for began, _, status in results if began > killed_at[0]]
+        before = [result for result in results if result[0] <= killed_at[0]]
+        self.assertGreater(len(after), 10)
+        self.assertEqual(after, [200] * len(after), gateway.text())
+        in_flight = [result for result in before if result[1] > killed_at[0]]
+        failed = [result for result in before if result[2] != 200]
+        self.assertLessEqual(len(failed), len(in_flight))
+        await eventually(lambda: "is down" in gateway.text(), timeout=5)
+
+        # It returns on the same port: traffic reaches it within a few health intervals.
+        await self.start_replica(ports[0])
+        deadline = time.monotonic() + 2.0
+        while await self.started_on(ports[0]) == 0:
+            self.assertLess(time.monotonic(), deadline, "the returned replica got no traffic")
+            reply = await request(self, gateway_port, body=chat_body())
+            self.assertEqual(reply.status, 200)
+
+        # Every replica down: a 502 in the error shape, and /readyz says 503.
+        for process in self.processes:
+            if not process.ended.called:
+                process.signal("KILL")
+        reply = await request(self, gateway_port, body=chat_body())
+        self.assertEqual(reply.status, 502)
+        self.assertEqual(reply.json()["error"]["code"], "upstream_unreachable")
+        deadline = time.monotonic() + 5.0
+        while (await request(self, gateway_port, "GET", b"/readyz")).status != 503:
+            self.assertLess(time.monotonic(), deadline, "/readyz stayed ready")
+            await task.deferLater(reactor, 0.1, lambda: None)
