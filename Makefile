@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO := .demo
-MOCK_PORT ?= 18443
+PORT ?= 42069
 
 .PHONY: all run test trial lint typecheck bench deb clean
 
@@ -18,21 +18,29 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --editable '.[dev]' --config-settings editable_mode=compat
 	touch $@
 
-## run: a stand-in model over real TLS on loopback, and the gateway in front of it.
+## run: two stand-in models (replicas) over real TLS on loopback, and the gateway in front of them.
 run: $(STAMP)
 	@$(PY) -m llmgw.devtls $(DEMO) > /dev/null
-	@rm -f $(DEMO)/mock.port
-	@trap 'kill $$mock 2>/dev/null; wait $$mock 2>/dev/null' EXIT INT TERM; \
-	$(VENV)/bin/twistd --nodaemon --pidfile= llmgw-mock --port $(MOCK_PORT) \
-		--cert $(DEMO)/server.pem --key $(DEMO)/server.key --portfile $(DEMO)/mock.port \
-		> $(DEMO)/mock.log 2>&1 & mock=$$!; \
-	for i in $$(seq 100); do \
-		test -s $(DEMO)/mock.port && break; \
-		kill -0 $$mock 2>/dev/null || { cat $(DEMO)/mock.log; echo "The stand-in model did not start (is port $(MOCK_PORT) taken? try make run MOCK_PORT=...)"; exit 1; }; \
-		sleep 0.1; \
+	@rm -f $(DEMO)/replica-*.port $(DEMO)/replica-*.pid
+	@trap 'kill $$(cat $(DEMO)/replica-*.pid 2>/dev/null) 2>/dev/null; wait' EXIT INT TERM HUP; \
+	for n in 1 2; do \
+		$(VENV)/bin/twistd --nodaemon --pidfile= llmgw-mock --port 0 \
+			--cert $(DEMO)/server.pem --key $(DEMO)/server.key --portfile $(DEMO)/replica-$$n.port \
+			> $(DEMO)/replica-$$n.log 2>&1 & echo $$! > $(DEMO)/replica-$$n.pid; \
 	done; \
-	echo "Stand-in model on https://localhost:$(MOCK_PORT); gateway on http://localhost:42069 (Ctrl-C stops both)"; \
-	$(VENV)/bin/llmgw --aihost localhost --aihostport $(MOCK_PORT) --aica $(DEMO)/ca.pem --verbose
+	for n in 1 2; do \
+		for i in $$(seq 100); do \
+			test -s $(DEMO)/replica-$$n.port && break; \
+			kill -0 $$(cat $(DEMO)/replica-$$n.pid) 2>/dev/null || { cat $(DEMO)/replica-$$n.log; echo "Stand-in model $$n did not start (see above)"; exit 1; }; \
+			sleep 0.1; \
+		done; \
+		test -s $(DEMO)/replica-$$n.port || { echo "Stand-in model $$n did not start in 10 s"; exit 1; }; \
+	done; \
+	one=$$(cat $(DEMO)/replica-1.port); two=$$(cat $(DEMO)/replica-2.port); \
+	echo "Stand-in models on https://localhost:$$one (pid $$(cat $(DEMO)/replica-1.pid)) and https://localhost:$$two (pid $$(cat $(DEMO)/replica-2.pid))"; \
+	echo "Gateway on http://localhost:$(PORT) (Ctrl-C stops all three; kill one stand-in's pid to see failover)"; \
+	$(VENV)/bin/llmgw --bindport $(PORT) --upstream https://localhost:$$one --upstream https://localhost:$$two \
+		--aica $(DEMO)/ca.pem --verbose
 
 ## test: the trial suite, then ruff (lint and format) and mypy --strict.
 test: trial lint typecheck

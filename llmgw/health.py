@@ -146,8 +146,8 @@ class HealthChecker(Service):
                 upstream=replica.name,
                 models=", ".join(str(entry["id"]) for entry in models) or "no models",
             )
-        elif models == replica.models:
-            return
+        elif _ids(models) == _ids(replica.models):
+            return  # the same models (vLLM stamps each listing with the time it was asked)
         replica.up = True
         replica.models = models
         self.on_change(replica.name, True, models)
@@ -175,6 +175,10 @@ def state_name(checker: HealthChecker | None, name: str) -> str:
         return "-"
     up = checker.replicas[name].up if name in checker.replicas else None
     return "unchecked" if up is None else "up" if up else "down"
+
+
+def _ids(models: Models | None) -> list[Any] | None:
+    return None if models is None else [entry.get("id") for entry in models]
 
 
 def _reason(error: Exception) -> str:

@@ -160,7 +160,7 @@ def health_checker(
         return None
     return HealthChecker(
         config.upstreams,
-        UpstreamClient(reactor, config),
+        UpstreamClient(reactor, config, log_failures=False),
         keys,
         reactor,
         config.health_interval,

@@ -75,19 +75,25 @@ def load_trust_root(path: str) -> IOpenSSLTrustRoot:
     return trust
 
 
-def _describe(failure: Failure) -> str:
-    """Say why a connection failed, in words an operator can act on."""
+def _describe(failure: Failure, origin: str | None) -> str:
+    """
+    Say why a connection failed, in words an operator can act on.
+
+    @param origin: the C{--upstream} replica it was, or L{None} for C{--aihost}.
+    """
+    where = "--aihost/--aihostport" if origin is None else origin
+    host = "--aihost" if origin is None else f"the host name in --upstream {origin}"
     reasons = getattr(failure.value, "reasons", None) or [failure]
     for reason in reasons:
         if reason.check(SSL.Error, VerificationError):
             return (
                 "TLS verification failed (the certificate is not trusted or does not "
-                "match the host; check --aica and --aihost)"
+                f"match the host; check --aica and {host})"
             )
     if failure.check(neterror.ConnectionRefusedError):
-        return "connection refused (is the model server running on --aihost/--aihostport?)"
+        return f"connection refused (is the model server running on {where}?)"
     if failure.check(neterror.DNSLookupError):
-        return "the host name does not resolve (check --aihost)"
+        return f"the host name does not resolve (check {host})"
     if failure.check(neterror.ConnectError):
         return f"cannot connect ({failure.getErrorMessage()})"
     return "the connection failed before a reply arrived"
@@ -228,11 +234,20 @@ class UpstreamClient:
     @ivar base: origin every path is appended to, e.g. C{b"https://10.0.0.1:443"}.
     """
 
-    def __init__(self, reactor: Any, config: Config, clock: IReactorTime | None = None) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        config: Config,
+        clock: IReactorTime | None = None,
+        log_failures: bool = True,
+    ) -> None:
         """
         @param reactor: connects to the model server.
         @param clock: runs the deadlines; the reactor unless a test drives time.
+        @param log_failures: log each failed request (the health checks log
+            only changes of state instead).
         """
+        self.log_failures = log_failures
         self.clock = reactor if clock is None else clock
         self.config = config
         self.base = config.origins[0].encode()
@@ -271,11 +286,16 @@ class UpstreamClient:
         producer = None if body is None else _BytesProducer(body)
         url = (self.base if origin is None else origin) + path
         d: Deferred[Any] = self.agent.request(method, url, headers, producer)
+        replica = origin.decode() if origin is not None and self.config.upstreams else None
         return _with_deadline(
-            self.clock, d, deadline, lambda: errors.upstream_timeout(deadline), self._translate
+            self.clock,
+            d,
+            deadline,
+            lambda: errors.upstream_timeout(deadline),
+            lambda failure: self._translate(failure, replica),
         )
 
-    def _translate(self, failure: Failure) -> Failure:
+    def _translate(self, failure: Failure, replica: str | None) -> Failure:
         if failure.check(ApiError, CancelledError):
             return failure
         if any(r.check(CancelledError) for r in getattr(failure.value, "reasons", ())):
@@ -284,11 +304,12 @@ class UpstreamClient:
             raise ReplicaUnreachable(
                 errors.upstream_timeout(self.config.connect_timeout, "accept the connection")
             ) from None
-        log.info("Upstream request failed: {why}", why=failure.getErrorMessage())
+        if self.log_failures:
+            log.info("Upstream request failed: {why}", why=failure.getErrorMessage())
         began = failure.check(ResponseFailed) and not failure.check(ResponseNeverReceived)
         if began and not _never_delivered(failure):
             raise errors.upstream_bad_reply("the connection broke in the middle of the reply")
-        error = errors.upstream_unreachable(_describe(failure))
+        error = errors.upstream_unreachable(_describe(failure, replica))
         if _never_delivered(failure):
             raise ReplicaUnreachable(error)
         raise error

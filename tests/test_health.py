@@ -141,6 +141,13 @@ class CheckerTests(SynchronousTestCase):
             [e["log_format"] for e in self.events].count(self.events[0]["log_format"]), 1
         )
 
+    def test_same_models_at_another_time(self) -> None:
+        """vLLM stamps each listing with the time: the same ids are no change."""
+        self.upstream.answer(A, 200, listing({"id": "llama", "created": 1}))
+        self.clock.advance(5)
+        self.upstream.answer(A, 200, listing({"id": "llama", "created": 6}))
+        self.assertEqual(self.changes, [(A, True, ({"id": "llama", "created": 1},))])
+
     def test_models_change(self) -> None:
         """A replica that starts serving another model is reported again."""
         self.upstream.answer(A, 200, listing(*LLAMA))
