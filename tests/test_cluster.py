@@ -1,4 +1,4 @@
-"""Tests for L{llmgw.cluster} and L{llmgw.worker}: real processes on loopback.
+"""Tests for L{llmgw.cluster}: real processes on loopback.
 
 Each test runs C{python -m twisted -n llmgw --workers 2} in front of a stand-in
 model served by this test process, so the test can see what reached the model.
@@ -17,17 +17,12 @@ from twisted.internet import defer, task
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone
 from twisted.internet.protocol import ProcessProtocol
-from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
-from twisted.protocols import amp
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from llmgw.cluster import ParentSide, config_from_json, config_to_json
+from llmgw.cluster import config_from_json, config_to_json
 from llmgw.mock import Behaviour
 from llmgw.options import Config
-from llmgw.ratelimit import Decision, SlidingWindowLimiter
-from llmgw.worker import RemoteLimiter
 from tests.loopback import (
     Upstream,
     chat_body,
@@ -276,58 +271,6 @@ class ConfigTransportTests(SynchronousTestCase):
             workers=3,
         )
         self.assertEqual(config_from_json(config_to_json(config)), config)
-
-
-class LoopbackAMP:
-    """Two AMP peers wired back to back in memory."""
-
-    def __init__(self, server: amp.AMP, client: amp.AMP) -> None:
-        self.server, self.client = server, client
-        self.server_transport, self.client_transport = StringTransport(), StringTransport()
-        server.makeConnection(self.server_transport)
-        client.makeConnection(self.client_transport)
-
-    def pump(self) -> None:
-        while self.server_transport.value() or self.client_transport.value():
-            to_client, to_server = self.server_transport.value(), self.client_transport.value()
-            self.server_transport.clear()
-            self.client_transport.clear()
-            self.client.dataReceived(to_client)
-            self.server.dataReceived(to_server)
-
-
-class RemoteLimiterTests(SynchronousTestCase):
-    def test_decisions_come_from_the_parent(self) -> None:
-        clock = Clock()
-        shared = SlidingWindowLimiter(2, 60, clock)
-        worker_side = amp.AMP()
-        wire = LoopbackAMP(ParentSide(shared), worker_side)
-        remote = RemoteLimiter(worker_side, SlidingWindowLimiter(1, 60, clock), 1, clock)
-        decisions: list[Decision] = []
-        for _ in range(3):
-            remote.admit("c").addCallback(decisions.append)
-            wire.pump()
-        self.assertEqual([d.allowed for d in decisions], [True, True, False])
-        self.assertEqual(len(shared), 1)
-
-    def test_parent_silent_falls_back_to_share(self) -> None:
-        """No answer within the timeout: the worker's share decides, and it is logged."""
-        clock = Clock()
-        worker_side = amp.AMP()
-        worker_side.makeConnection(
-            __import__("twisted.internet.testing").internet.testing.StringTransport()
-        )
-        remote = RemoteLimiter(worker_side, SlidingWindowLimiter(1, 60, clock), 1, clock)
-        decisions: list[Any] = []
-        remote.admit("c").addCallback(decisions.append)
-        self.assertEqual(decisions, [])
-        clock.advance(1.0)
-        self.assertEqual([d.allowed for d in decisions], [True])
-        self.assertTrue(remote.degraded)
-        remote.admit("c").addCallback(decisions.append)
-        clock.advance(1.0)
-        self.assertEqual([d.allowed for d in decisions], [True, False])
-        self.flushLoggedErrors()
 
 
 TWISTD = "from twisted.scripts.twistd import run; run()"
