@@ -300,13 +300,14 @@ class Supervisor(Service):
         self._restarts[worker.number] = self.reactor.callLater(backoff, self.spawn, worker.number)
 
     def stopService(self) -> Deferred[None]:
-        """Ask every worker to drain, wait for them, and close the socket."""
+        """Stop the socket listening, ask every worker to drain, wait for them, close it."""
         super().stopService()  # type: ignore[no-untyped-call]
         self._stopping = True
         for restart in self._restarts.values():
             if restart.active():
                 restart.cancel()
         self._restarts.clear()
+        self._stop_listening()
         workers = list(self.workers.values())
         log.info("Stopping {count} workers", count=len(workers))
         for worker in workers:
@@ -322,6 +323,27 @@ class Supervisor(Service):
 
         d: Deferred[Any] = defer.gatherResults([w.ended for w in workers])
         return d.addCallback(all_ended)
+
+    def _stop_listening(self) -> None:
+        """
+        Stop the shared socket listening, for every process that holds it.
+
+        The kernel completes handshakes into a listening socket's queue as
+        long as any process holds it, so closing descriptors one worker at a
+        time leaves a socket that takes connections nobody will accept, and
+        resets them when the last holder closes it.  On Linux, C{SHUT_RD} on
+        a listening socket stops it listening for every descriptor of it at
+        once: a new connection is refused, which a load balancer retries
+        elsewhere, and the connections the workers hold are untouched.  The
+        workers see their port close (L{llmgw.worker.SharedListeningSocket}).
+        """
+        if self.socket is None:
+            return
+        try:
+            self.socket.shutdown(socket.SHUT_RD)
+        except OSError as e:
+            # Not Linux: each worker still stops accepting when it drains.
+            log.info("The listening socket cannot be shut down here ({why})", why=e)
 
     async def stats(self) -> dict[str, Any]:
         """Every worker's counters, and the limiter's tracked clients."""

@@ -10,6 +10,7 @@ is gone, even if it was killed with SIGKILL.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import signal
@@ -17,7 +18,7 @@ import socket
 import sys
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.stdio import StandardIO
 from twisted.logger import ILogObserver, Logger, eventAsText, globalLogBeginner
@@ -148,6 +149,49 @@ def accept_a_few_at_a_time(port: Any) -> None:
     port.doRead = accept_a_few
 
 
+class SharedListeningSocket:
+    """
+    The adopted listening socket, as the port's accept loop sees it.
+
+    A stop begins in the parent by shutting the shared socket down, which
+    stops it listening in every process at once (see
+    L{llmgw.cluster.Supervisor.stopService}).  The reactor usually sees that
+    as a hang-up and closes the port; but a worker already woken to accept
+    gets C{EINVAL} from C{accept()}, which Twisted's port would log as an
+    unhandled error.  Here that ends the port instead, quietly: no connection
+    will ever come through this socket again.
+    """
+
+    def __init__(self, listening: socket.socket, port: Any) -> None:
+        self._listening = listening
+        self._port = port
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        try:
+            return self._listening.accept()
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            stop_accepting(self._port)
+            # What the accept loop takes for "no more connections now".
+            raise BlockingIOError(errno.EAGAIN, "the socket no longer listens") from None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._listening, name)
+
+
+def stop_accepting(port: Any) -> Deferred[None]:
+    """
+    Stop the port, unless it has stopped already (the parent shut the shared
+    socket down: see L{SharedListeningSocket}); stopping it twice would close
+    it twice.
+    """
+    if port.connected and not port.disconnecting:
+        stopped: Deferred[None] = port.stopListening()
+        return stopped
+    return succeed(None)
+
+
 @implementer(ILogObserver)
 class BatchedLines:
     """
@@ -207,12 +251,13 @@ def serve(config: Config, colour: bool, reactor: Any) -> None:
     family = socket.AF_INET6 if ":" in config.bindip else socket.AF_INET
     port = reactor.adoptStreamPort(LISTENING_FD, family, site)
     accept_a_few_at_a_time(port)
+    port.socket = SharedListeningSocket(port.socket, port)
     # adoptStreamPort duplicates the descriptor; ours would keep the socket alive.
     os.close(LISTENING_FD)
     signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(keys.reload))
 
     async def drain() -> None:
-        await port.stopListening()
+        await stop_accepting(port)
         await site.drain(config.grace)
 
     reactor.addSystemEventTrigger("before", "shutdown", lambda: Deferred.fromCoroutine(drain()))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import sys
 import time
 from typing import Any
@@ -226,6 +227,32 @@ class ClusterTests(TestCase):
         code = await process.ended
         self.assertEqual(code, 0, process.text())
         self.assertFalse(any(alive(pid) for pid in workers))
+
+    @inline
+    async def test_drain_refuses_new_connections(self) -> None:
+        """
+        From the moment a stop begins, a new connection is refused (not accepted
+        and reset later), while the request in hand finishes and the exit is 0.
+        """
+        upstream = start_upstream(self)
+        process, port = start_gateway_process(self, upstream, "--grace", "20")
+        await serving(self, process, port)
+        await eventually(lambda: len(process.worker_pids()) == 2, timeout=30)
+        slow = Deferred.fromCoroutine(
+            request(self, port, body=chat_body("slow", mock={"delay": 3.0}))
+        )
+        await eventually(lambda: upstream.model.started == 1, timeout=10)
+        os.kill(process_pid(process), signal.SIGTERM)
+        await eventually(lambda: "Stopping 2 workers" in process.text(), timeout=10)
+        with socket.socket() as late:
+            late.settimeout(5)
+            self.assertRaises(ConnectionRefusedError, late.connect, ("127.0.0.1", port))
+        self.assertFalse(slow.called, "the slow request ended before the refusal was tried")
+        reply = await slow
+        self.assertEqual((reply.status, reply.json()["object"]), (200, "chat.completion"))
+        self.assertEqual(await process.ended, 0, process.text())
+        self.assertNotIn("Traceback", process.text())
+        self.assertNotIn("Unhandled", process.text())
 
     @inline
     async def test_limit_holds_across_workers(self) -> None:
