@@ -27,7 +27,16 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from llmgw.api import GatewayResource
-from llmgw.cluster import Admit, QuietAMP, SetVerbose, WorkerStats, config_from_json
+from llmgw.cluster import (
+    Admit,
+    AdmitExpired,
+    QuietAMP,
+    RecordAdmission,
+    ReleaseAdmission,
+    SetVerbose,
+    WorkerStats,
+    config_from_json,
+)
 from llmgw.keys import KeyRing
 from llmgw.options import Config
 from llmgw.ratelimit import Decision, ILimiter, SlidingWindowLimiter
@@ -48,8 +57,18 @@ class RemoteLimiter:
 
     If the parent cannot answer (gone, or slower than L{ADMIT_TIMEOUT}), the
     worker falls back to a local limiter holding its share, C{limit // workers},
-    of the limit: the gateway-wide guarantee never to over-admit still holds,
-    at the cost of refusing some clients sooner.  Both transitions are logged.
+    of the limit, at the cost of refusing some clients sooner.  Both
+    transitions are logged.
+
+    Only the first request of a stall waits: while a question that timed out
+    is still unanswered, the fallback decides at once, and the answer to that
+    question is what shows the parent is back.  The parent's count stays what
+    was served: each question carries the time the worker stops waiting, after
+    which the parent does not record it; what the fallback admits is reported
+    with its time (L{RecordAdmission}); and an admission the parent recorded
+    for a question the worker had just given up on is released
+    (L{ReleaseAdmission}).  The pipe to the parent is in order, so all of that
+    is counted before the parent's next decision for this worker.
     """
 
     def __init__(
@@ -64,27 +83,42 @@ class RemoteLimiter:
         self.fallback_share = fallback_share
         self.clock = clock
         self.degraded = False
+        self._waiting_for_parent = False
 
     def admit(self, key: str) -> Deferred[Decision]:
+        if self._waiting_for_parent:
+            return succeed(self._fallback_decides(key))
         result: Deferred[Decision] = Deferred()
-        timer = self.clock.callLater(ADMIT_TIMEOUT, self._give_up, result, key, "timed out")
+        timer = self.clock.callLater(ADMIT_TIMEOUT, self._time_out, result, key)
+        deadline = self.clock.seconds() + ADMIT_TIMEOUT
 
         def answered(answer: dict[str, Any]) -> None:
+            self._parent_answers()
+            admitted_at = answer.pop("admitted_at", None)
             if result.called:
+                if admitted_at is not None:
+                    self._tell_parent(ReleaseAdmission, key, admitted_at)
                 return
             timer.cancel()
-            if self.degraded:
-                self.degraded = False
-                log.info("The parent's limiter answers again")
             result.callback(Decision(**answer))
 
         def failed(failure: Failure) -> None:
-            if not result.called:
+            if failure.check(AdmitExpired):
+                # Read too late, though before this worker's timer fired.
+                self._parent_answers()
+                if not result.called:
+                    timer.cancel()
+                    result.callback(self._fallback_decides(key))
+            elif not result.called:
                 timer.cancel()
                 self._give_up(result, key, failure.getErrorMessage())
 
-        self.parent.callRemote(Admit, key=key).addCallbacks(answered, failed)
+        self.parent.callRemote(Admit, key=key, deadline=deadline).addCallbacks(answered, failed)
         return result
+
+    def _time_out(self, result: Deferred[Decision], key: str) -> None:
+        self._waiting_for_parent = True
+        self._give_up(result, key, "timed out")
 
     def _give_up(self, result: Deferred[Decision], key: str, why: str) -> None:
         if not self.degraded:
@@ -95,7 +129,24 @@ class RemoteLimiter:
                 why=why,
                 share=self.fallback_share,
             )
-        result.callback(self.fallback.decide(key))
+        result.callback(self._fallback_decides(key))
+
+    def _parent_answers(self) -> None:
+        self._waiting_for_parent = False
+        if self.degraded:
+            self.degraded = False
+            log.info("The parent's limiter answers again")
+
+    def _fallback_decides(self, key: str) -> Decision:
+        decision = self.fallback.decide(key)
+        if decision.allowed:
+            self._tell_parent(RecordAdmission, key, self.clock.seconds())
+        return decision
+
+    def _tell_parent(self, command: type[amp.Command], key: str, at: float) -> None:
+        """Queue a correction; if the parent is gone, there is no count left to correct."""
+        told: Deferred[Any] = self.parent.callRemote(command, key=key, at=at)
+        told.addErrback(lambda _: None)
 
 
 class WorkerSide(QuietAMP):
