@@ -52,17 +52,51 @@ MAX_BACKOFF = 10.0
 KILL_MARGIN = 5.0
 
 
-class Admit(amp.Command):
-    """Worker → parent: may this client make a request now?"""
+class AdmitExpired(Exception):
+    """The worker had stopped waiting for this answer: nothing was recorded."""
 
-    arguments: ClassVar = [(b"key", amp.Unicode())]
+
+class Admit(amp.Command):
+    """
+    Worker → parent: may this client make a request now?
+
+    C{deadline} is when the worker stops waiting and lets its fallback decide
+    (L{llmgw.worker.RemoteLimiter}); a question read after it is void, so a
+    stalled parent does not count requests that were decided without it.
+    C{admitted_at} is the time of the admission recorded, so that a worker
+    that gave up just before the answer came can release it.
+    """
+
+    arguments: ClassVar = [(b"key", amp.Unicode()), (b"deadline", amp.Float(optional=True))]
     response: ClassVar = [
         (b"allowed", amp.Boolean()),
         (b"limit", amp.Integer()),
         (b"window", amp.Integer()),
         (b"remaining", amp.Integer()),
         (b"reset", amp.Integer()),
+        (b"admitted_at", amp.Float(optional=True)),
     ]
+    errors: ClassVar = {AdmitExpired: b"EXPIRED"}
+
+
+class RecordAdmission(amp.Command):
+    """
+    Worker → parent: my fallback admitted C{key} at C{at} while you did not
+    answer; count it, because it was served.
+    """
+
+    arguments: ClassVar = [(b"key", amp.Unicode()), (b"at", amp.Float())]
+    response: ClassVar = []
+
+
+class ReleaseAdmission(amp.Command):
+    """
+    Worker → parent: the admission you recorded at C{at} answered a question
+    I had stopped waiting for; my fallback decided that request, so forget it.
+    """
+
+    arguments: ClassVar = [(b"key", amp.Unicode()), (b"at", amp.Float())]
+    response: ClassVar = []
 
 
 class WorkerStats(amp.Command):
@@ -173,17 +207,34 @@ class ParentSide(QuietAMP):
         self.limiter = limiter
 
     @Admit.responder
-    def admit(self, key: str) -> dict[str, Any]:
+    def admit(self, key: str, deadline: float | None = None) -> dict[str, Any]:
         if self.limiter is None:
             raise amp.RemoteAmpError(b"NO_LIMITER", "rate limiting is off")
+        if deadline is not None and self.limiter.clock.seconds() >= deadline:
+            raise AdmitExpired()
         decision = self.limiter.decide(key)
-        return {
+        answer: dict[str, Any] = {
             "allowed": decision.allowed,
             "limit": decision.limit,
             "window": decision.window,
             "remaining": decision.remaining,
             "reset": decision.reset,
         }
+        if decision.allowed:
+            answer["admitted_at"] = self.limiter.newest(key)
+        return answer
+
+    @RecordAdmission.responder
+    def record_admission(self, key: str, at: float) -> dict[str, Any]:
+        if self.limiter is not None:
+            self.limiter.record(key, at)
+        return {}
+
+    @ReleaseAdmission.responder
+    def release_admission(self, key: str, at: float) -> dict[str, Any]:
+        if self.limiter is not None:
+            self.limiter.release(key, at)
+        return {}
 
 
 class WorkerProcess(ProcessProtocol):
@@ -325,13 +376,14 @@ class Supervisor(Service):
         self._restarts[worker.number] = self.reactor.callLater(backoff, self.spawn, worker.number)
 
     def stopService(self) -> Deferred[None]:
-        """Ask every worker to drain, wait for them, and close the socket."""
+        """Stop the socket listening, ask every worker to drain, wait for them, close it."""
         super().stopService()  # type: ignore[no-untyped-call]
         self._stopping = True
         for restart in self._restarts.values():
             if restart.active():
                 restart.cancel()
         self._restarts.clear()
+        self._stop_listening()
         workers = list(self.workers.values())
         log.info("Stopping {count} workers", count=len(workers))
         for worker in workers:
@@ -356,6 +408,27 @@ class Supervisor(Service):
         """A health check changed its verdict: tell every worker now."""
         for worker in list(self.workers.values()):
             worker.tell_replica_state(upstream, up, models)
+
+    def _stop_listening(self) -> None:
+        """
+        Stop the shared socket listening, for every process that holds it.
+
+        The kernel completes handshakes into a listening socket's queue as
+        long as any process holds it, so closing descriptors one worker at a
+        time leaves a socket that takes connections nobody will accept, and
+        resets them when the last holder closes it.  On Linux, C{SHUT_RD} on
+        a listening socket stops it listening for every descriptor of it at
+        once: a new connection is refused, which a load balancer retries
+        elsewhere, and the connections the workers hold are untouched.  The
+        workers see their port close (L{llmgw.worker.SharedListeningSocket}).
+        """
+        if self.socket is None:
+            return
+        try:
+            self.socket.shutdown(socket.SHUT_RD)
+        except OSError as e:
+            # Not Linux: each worker still stops accepting when it drains.
+            log.info("The listening socket cannot be shut down here ({why})", why=e)
 
     async def stats(self) -> dict[str, Any]:
         """Every worker's counters, the replicas' totals, and the limiter's tracked clients."""

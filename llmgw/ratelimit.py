@@ -3,14 +3,16 @@ Admission control: an exact per-client sliding window.
 
 Sub-window buckets are cheaper but either over-admit at bucket edges or refuse
 clients that stayed under the limit, so each client keeps the times of its
-admitted requests that still count.  That log never holds more than C{limit}
-entries, because no more than C{limit} admissions can ever count at once.
+admitted requests that still count.  That log holds no more than C{limit}
+entries, because no more than C{limit} admissions can count at once, unless
+admissions decided elsewhere are recorded into it (L{SlidingWindowLimiter.record}).
 """
 
 from __future__ import annotations
 
 import math
 from array import array
+from bisect import bisect_left, insort
 from collections import OrderedDict
 from functools import lru_cache
 
@@ -104,7 +106,9 @@ class SlidingWindowLimiter:
             first = 0 if now - times[0] < window else self._first_counted(times, now)
             counted = len(times) - first
             if counted >= self._limit:
-                return self._refuse(now, times[first])
+                # The admission whose expiry brings the count under the limit:
+                # the oldest one, unless recorded admissions took it past.
+                return self._refuse(now, times[len(times) - self._limit])
             if counted:
                 del times[:first]
                 times.append(max(now, times[-1]))
@@ -122,6 +126,54 @@ class SlidingWindowLimiter:
         admitted.move_to_end(key)
         self._forget_idle(now, _FORGET_PER_ADMISSION)
         return self._allow(now, oldest, counted + 1)
+
+    @property
+    def clock(self) -> IReactorTime:
+        """The clock the window is measured on."""
+        return self._clock
+
+    def newest(self, key: str) -> float | None:
+        """The time of the client's latest admission, if one is remembered."""
+        times = self._admitted.get(key)
+        if isinstance(times, array):
+            return times[-1]
+        return times
+
+    def record(self, key: str, at: float) -> None:
+        """
+        Count an admission decided elsewhere, made at C{at}: a worker's fallback
+        served the request while this limiter could not be asked.  It counts
+        even past the limit, because the request was served, and it expires
+        at its own time, so the window stays exact.  The client moves to the
+        end of the table as for any admission; a recorded time is at most a
+        stall old, so idle clients are still forgotten, if a little later.
+        """
+        now = self._clock.seconds()
+        if now - at >= self._window:
+            return
+        admitted = self._admitted
+        times = admitted.get(key)
+        if isinstance(times, array):
+            insort(times, at)
+        elif times is None:
+            admitted[key] = at
+        else:
+            admitted[key] = array("d", sorted((times, at)))
+        if self.newest(key) == at:
+            admitted.move_to_end(key)
+
+    def release(self, key: str, at: float) -> None:
+        """Forget the admission made at C{at}: the request it admitted was not served."""
+        admitted = self._admitted
+        times = admitted.get(key)
+        if isinstance(times, array):
+            index = bisect_left(times, at)
+            if index < len(times) and times[index] == at:
+                del times[index]
+                if not times:
+                    del admitted[key]
+        elif times == at:
+            del admitted[key]
 
     def sweep(self) -> int:
         """

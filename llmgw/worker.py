@@ -10,6 +10,7 @@ is gone, even if it was killed with SIGKILL.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -18,7 +19,7 @@ import socket
 import sys
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.stdio import StandardIO
 from twisted.logger import ILogObserver, Logger, eventAsText, globalLogBeginner
@@ -29,7 +30,10 @@ from zope.interface import implementer
 from llmgw.api import GatewayResource
 from llmgw.cluster import (
     Admit,
+    AdmitExpired,
     QuietAMP,
+    RecordAdmission,
+    ReleaseAdmission,
     ReplicaState,
     SetVerbose,
     WorkerStats,
@@ -56,8 +60,18 @@ class RemoteLimiter:
 
     If the parent cannot answer (gone, or slower than L{ADMIT_TIMEOUT}), the
     worker falls back to a local limiter holding its share, C{limit // workers},
-    of the limit: the gateway-wide guarantee never to over-admit still holds,
-    at the cost of refusing some clients sooner.  Both transitions are logged.
+    of the limit, at the cost of refusing some clients sooner.  Both
+    transitions are logged.
+
+    Only the first request of a stall waits: while a question that timed out
+    is still unanswered, the fallback decides at once, and the answer to that
+    question is what shows the parent is back.  The parent's count stays what
+    was served: each question carries the time the worker stops waiting, after
+    which the parent does not record it; what the fallback admits is reported
+    with its time (L{RecordAdmission}); and an admission the parent recorded
+    for a question the worker had just given up on is released
+    (L{ReleaseAdmission}).  The pipe to the parent is in order, so all of that
+    is counted before the parent's next decision for this worker.
     """
 
     def __init__(
@@ -72,27 +86,42 @@ class RemoteLimiter:
         self.fallback_share = fallback_share
         self.clock = clock
         self.degraded = False
+        self._waiting_for_parent = False
 
     def admit(self, key: str) -> Deferred[Decision]:
+        if self._waiting_for_parent:
+            return succeed(self._fallback_decides(key))
         result: Deferred[Decision] = Deferred()
-        timer = self.clock.callLater(ADMIT_TIMEOUT, self._give_up, result, key, "timed out")
+        timer = self.clock.callLater(ADMIT_TIMEOUT, self._time_out, result, key)
+        deadline = self.clock.seconds() + ADMIT_TIMEOUT
 
         def answered(answer: dict[str, Any]) -> None:
+            self._parent_answers()
+            admitted_at = answer.pop("admitted_at", None)
             if result.called:
+                if admitted_at is not None:
+                    self._tell_parent(ReleaseAdmission, key, admitted_at)
                 return
             timer.cancel()
-            if self.degraded:
-                self.degraded = False
-                log.info("The parent's limiter answers again")
             result.callback(Decision(**answer))
 
         def failed(failure: Failure) -> None:
-            if not result.called:
+            if failure.check(AdmitExpired):
+                # Read too late, though before this worker's timer fired.
+                self._parent_answers()
+                if not result.called:
+                    timer.cancel()
+                    result.callback(self._fallback_decides(key))
+            elif not result.called:
                 timer.cancel()
                 self._give_up(result, key, failure.getErrorMessage())
 
-        self.parent.callRemote(Admit, key=key).addCallbacks(answered, failed)
+        self.parent.callRemote(Admit, key=key, deadline=deadline).addCallbacks(answered, failed)
         return result
+
+    def _time_out(self, result: Deferred[Decision], key: str) -> None:
+        self._waiting_for_parent = True
+        self._give_up(result, key, "timed out")
 
     def _give_up(self, result: Deferred[Decision], key: str, why: str) -> None:
         if not self.degraded:
@@ -103,7 +132,24 @@ class RemoteLimiter:
                 why=why,
                 share=self.fallback_share,
             )
-        result.callback(self.fallback.decide(key))
+        result.callback(self._fallback_decides(key))
+
+    def _parent_answers(self) -> None:
+        self._waiting_for_parent = False
+        if self.degraded:
+            self.degraded = False
+            log.info("The parent's limiter answers again")
+
+    def _fallback_decides(self, key: str) -> Decision:
+        decision = self.fallback.decide(key)
+        if decision.allowed:
+            self._tell_parent(RecordAdmission, key, self.clock.seconds())
+        return decision
+
+    def _tell_parent(self, command: type[amp.Command], key: str, at: float) -> None:
+        """Queue a correction; if the parent is gone, there is no count left to correct."""
+        told: Deferred[Any] = self.parent.callRemote(command, key=key, at=at)
+        told.addErrback(lambda _: None)
 
 
 class WorkerSide(QuietAMP):
@@ -162,6 +208,49 @@ def accept_a_few_at_a_time(port: Any) -> None:
         return accept()
 
     port.doRead = accept_a_few
+
+
+class SharedListeningSocket:
+    """
+    The adopted listening socket, as the port's accept loop sees it.
+
+    A stop begins in the parent by shutting the shared socket down, which
+    stops it listening in every process at once (see
+    L{llmgw.cluster.Supervisor.stopService}).  The reactor usually sees that
+    as a hang-up and closes the port; but a worker already woken to accept
+    gets C{EINVAL} from C{accept()}, which Twisted's port would log as an
+    unhandled error.  Here that ends the port instead, quietly: no connection
+    will ever come through this socket again.
+    """
+
+    def __init__(self, listening: socket.socket, port: Any) -> None:
+        self._listening = listening
+        self._port = port
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        try:
+            return self._listening.accept()
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            stop_accepting(self._port)
+            # What the accept loop takes for "no more connections now".
+            raise BlockingIOError(errno.EAGAIN, "the socket no longer listens") from None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._listening, name)
+
+
+def stop_accepting(port: Any) -> Deferred[None]:
+    """
+    Stop the port, unless it has stopped already (the parent shut the shared
+    socket down: see L{SharedListeningSocket}); stopping it twice would close
+    it twice.
+    """
+    if port.connected and not port.disconnecting:
+        stopped: Deferred[None] = port.stopListening()
+        return stopped
+    return succeed(None)
 
 
 @implementer(ILogObserver)
@@ -223,12 +312,13 @@ def serve(config: Config, colour: bool, reactor: Any) -> None:
     family = socket.AF_INET6 if ":" in config.bindip else socket.AF_INET
     port = reactor.adoptStreamPort(LISTENING_FD, family, site)
     accept_a_few_at_a_time(port)
+    port.socket = SharedListeningSocket(port.socket, port)
     # adoptStreamPort duplicates the descriptor; ours would keep the socket alive.
     os.close(LISTENING_FD)
     signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(keys.reload))
 
     async def drain() -> None:
-        await port.stopListening()
+        await stop_accepting(port)
         await site.drain(config.grace)
 
     reactor.addSystemEventTrigger("before", "shutdown", lambda: Deferred.fromCoroutine(drain()))

@@ -1,4 +1,4 @@
-"""Tests for L{llmgw.cluster} and L{llmgw.worker}: real processes on loopback.
+"""Tests for L{llmgw.cluster}: real processes on loopback.
 
 Each test runs C{python -m twisted -n llmgw --workers 2} in front of a stand-in
 model served by this test process, so the test can see what reached the model.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import sys
 import time
 from typing import Any
@@ -18,16 +19,13 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
-from twisted.protocols import amp
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from llmgw.cluster import ParentSide, config_from_json, config_to_json
+from llmgw.cluster import AdmitExpired, ParentSide, config_from_json, config_to_json
 from llmgw.mock import Behaviour
 from llmgw.options import Config
-from llmgw.ratelimit import Decision, SlidingWindowLimiter
-from llmgw.worker import RemoteLimiter
+from llmgw.ratelimit import SlidingWindowLimiter
 from tests.loopback import (
     Upstream,
     chat_body,
@@ -233,6 +231,32 @@ class ClusterTests(TestCase):
         self.assertFalse(any(alive(pid) for pid in workers))
 
     @inline
+    async def test_drain_refuses_new_connections(self) -> None:
+        """
+        From the moment a stop begins, a new connection is refused (not accepted
+        and reset later), while the request in hand finishes and the exit is 0.
+        """
+        upstream = start_upstream(self)
+        process, port = start_gateway_process(self, upstream, "--grace", "20")
+        await serving(self, process, port)
+        await eventually(lambda: len(process.worker_pids()) == 2, timeout=30)
+        slow = Deferred.fromCoroutine(
+            request(self, port, body=chat_body("slow", mock={"delay": 3.0}))
+        )
+        await eventually(lambda: upstream.model.started == 1, timeout=10)
+        os.kill(process_pid(process), signal.SIGTERM)
+        await eventually(lambda: "Stopping 2 workers" in process.text(), timeout=10)
+        with socket.socket() as late:
+            late.settimeout(5)
+            self.assertRaises(ConnectionRefusedError, late.connect, ("127.0.0.1", port))
+        self.assertFalse(slow.called, "the slow request ended before the refusal was tried")
+        reply = await slow
+        self.assertEqual((reply.status, reply.json()["object"]), (200, "chat.completion"))
+        self.assertEqual(await process.ended, 0, process.text())
+        self.assertNotIn("Traceback", process.text())
+        self.assertNotIn("Unhandled", process.text())
+
+    @inline
     async def test_limit_holds_across_workers(self) -> None:
         upstream = start_upstream(self)
         process, port = start_gateway_process(self, upstream)
@@ -278,56 +302,54 @@ class ConfigTransportTests(SynchronousTestCase):
         self.assertEqual(config_from_json(config_to_json(config)), config)
 
 
-class LoopbackAMP:
-    """Two AMP peers wired back to back in memory."""
+class ParentSideTests(SynchronousTestCase):
+    """The parent's answers to a worker's questions about the limit."""
 
-    def __init__(self, server: amp.AMP, client: amp.AMP) -> None:
-        self.server, self.client = server, client
-        self.server_transport, self.client_transport = StringTransport(), StringTransport()
-        server.makeConnection(self.server_transport)
-        client.makeConnection(self.client_transport)
+    def test_question_read_after_its_deadline_is_not_recorded(self) -> None:
+        clock = Clock()
+        shared = SlidingWindowLimiter(4, 60, clock)
+        parent = ParentSide(shared)
+        clock.advance(10)
+        self.assertRaises(AdmitExpired, parent.admit, key="c", deadline=10.0)
+        self.assertEqual(len(shared), 0)
+        answer = parent.admit(key="c", deadline=10.5)
+        self.assertEqual(
+            answer,
+            {
+                "allowed": True,
+                "limit": 4,
+                "window": 60,
+                "remaining": 3,
+                "reset": 60,
+                "admitted_at": 10.0,
+            },
+        )
 
-    def pump(self) -> None:
-        while self.server_transport.value() or self.client_transport.value():
-            to_client, to_server = self.server_transport.value(), self.client_transport.value()
-            self.server_transport.clear()
-            self.client_transport.clear()
-            self.client.dataReceived(to_client)
-            self.server.dataReceived(to_server)
-
-
-class RemoteLimiterTests(SynchronousTestCase):
-    def test_decisions_come_from_the_parent(self) -> None:
+    def test_recorded_admissions_count_past_the_limit(self) -> None:
+        """
+        Served while the parent stalled, they all count, and Retry-After is
+        when enough of them have expired to bring the count under the limit.
+        """
         clock = Clock()
         shared = SlidingWindowLimiter(2, 60, clock)
-        worker_side = amp.AMP()
-        wire = LoopbackAMP(ParentSide(shared), worker_side)
-        remote = RemoteLimiter(worker_side, SlidingWindowLimiter(1, 60, clock), 1, clock)
-        decisions: list[Decision] = []
-        for _ in range(3):
-            remote.admit("c").addCallback(decisions.append)
-            wire.pump()
-        self.assertEqual([d.allowed for d in decisions], [True, True, False])
-        self.assertEqual(len(shared), 1)
+        parent = ParentSide(shared)
+        for at in (0.0, 1.0, 2.0):
+            parent.record_admission(key="c", at=at)
+        clock.advance(10)
+        self.assertEqual(parent.admit(key="c")["reset"], 51)
+        clock.advance(50)
+        self.assertEqual(parent.admit(key="c")["allowed"], False)
+        clock.advance(1)
+        self.assertEqual(parent.admit(key="c")["admitted_at"], 61.0)
 
-    def test_parent_silent_falls_back_to_share(self) -> None:
-        """No answer within the timeout: the worker's share decides, and it is logged."""
+    def test_released_admission_no_longer_counts(self) -> None:
         clock = Clock()
-        worker_side = amp.AMP()
-        worker_side.makeConnection(
-            __import__("twisted.internet.testing").internet.testing.StringTransport()
-        )
-        remote = RemoteLimiter(worker_side, SlidingWindowLimiter(1, 60, clock), 1, clock)
-        decisions: list[Any] = []
-        remote.admit("c").addCallback(decisions.append)
-        self.assertEqual(decisions, [])
-        clock.advance(1.0)
-        self.assertEqual([d.allowed for d in decisions], [True])
-        self.assertTrue(remote.degraded)
-        remote.admit("c").addCallback(decisions.append)
-        clock.advance(1.0)
-        self.assertEqual([d.allowed for d in decisions], [True, False])
-        self.flushLoggedErrors()
+        shared = SlidingWindowLimiter(1, 60, clock)
+        parent = ParentSide(shared)
+        at = parent.admit(key="c")["admitted_at"]
+        self.assertFalse(parent.admit(key="c")["allowed"])
+        parent.release_admission(key="c", at=at)
+        self.assertTrue(parent.admit(key="c")["allowed"])
 
 
 TWISTD = "from twisted.scripts.twistd import run; run()"
