@@ -168,6 +168,8 @@ class GatewayChannel(http.HTTPChannel):
         """The first request's deadline runs from here, not from its first byte."""
         super().connectionMade()  # type: ignore[no-untyped-call]
         self._start_read_deadline()
+        if self.site._drained is not None:
+            self.drain()  # accepted as the drain began: close it, it is idle
 
     def dataReceived(self, data: bytes) -> None:
         if self._refused:
@@ -350,8 +352,6 @@ class GatewaySite(server.Site):
     def buildProtocol(self, addr: Any) -> Any:
         channel = super().buildProtocol(addr)  # type: ignore[no-untyped-call]
         self.channels.add(channel)
-        if self._drained is not None:
-            channel.drain()
         return channel
 
     def connection_closed(self, channel: GatewayChannel) -> None:

@@ -488,6 +488,16 @@ class DrainTests(SynchronousTestCase):
     def test_nothing_open(self) -> None:
         self.successResultOf(self.site.drain(30))
 
+    def test_connection_during_drain_is_closed(self) -> None:
+        """A connection accepted as the drain begins is closed at once, not served."""
+        busy, _ = self.connect()
+        busy.dataReceived(post(2) + b"{}")
+        drained = self.site.drain(30)
+        late, late_transport = self.connect()
+        self.assertTrue(late_transport.disconnecting)
+        late.connectionLost(Failure(ConnectionDone()))
+        self.assertNoResult(drained)
+
 
 def serve_on_loopback(
     test: TestCase, clock: MemoryReactorClock, read_timeout: float
