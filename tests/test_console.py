@@ -605,17 +605,17 @@ class TerminalTests(TestCase):
         The key reload puts SIGHUP back to its default (which kills) as it stops:
         after a hang-up, the shutdown's own trigger ignores it again.
         """
-        [reader] = console_readers()
-        reactor.removeReader(reader)
+        self.service.stopService()
+        memory = MemoryReactor()
+        service = ConsoleService(self.commands, memory, self.slave, TerminalOutput())
+        service.startService()
+        self.addCleanup(service.stopService)
+        [reader] = memory.getReaders()
         self.close_master()
-        reader.connectionLost(Failure(ConnectionLost()))
+        reader.connectionLost(Failure(ConnectionDone()))  # what the reactor does at end-of-file
         self.assertEqual(self.commands.calls, ["shutdown"])
+        [(ignore, args, kwargs)] = memory.triggers["before"]["shutdown"]
         signal.signal(signal.SIGHUP, signal.SIG_DFL)  # what a stopping KeyReloadService does
-        trigger = self.service._hang_up_trigger
-        self.service._hang_up_trigger = None
-        _, (phase, ignore, args, kwargs) = trigger
-        reactor.removeSystemEventTrigger(trigger)
-        self.assertEqual(phase, "before")
         ignore(*args, **kwargs)
         self.assertEqual(signal.getsignal(signal.SIGHUP), signal.SIG_IGN)
 
