@@ -28,7 +28,7 @@ import attrs
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ProcessDone
+from twisted.internet.error import CannotListenError, ProcessDone
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
@@ -150,16 +150,20 @@ def config_from_json(text: str) -> Config:
 
 
 def bind_listening_socket(config: Config, backlog: int = 1024) -> socket.socket:
-    """The one listening socket every worker shares."""
+    """
+    The one listening socket every worker shares.  A failure raises what
+    C{listenTCP} raises, L{CannotListenError}, so that start-up reports it
+    alike with one worker or many.
+    """
     family = socket.AF_INET6 if ":" in config.bindip else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((config.bindip, config.bindport))
         sock.listen(backlog)
-    except OSError:
+    except OSError as error:
         sock.close()
-        raise
+        raise CannotListenError(config.bindip, config.bindport, error) from error
     sock.setblocking(False)
     return sock
 

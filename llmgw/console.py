@@ -40,6 +40,7 @@ from typing import Any, Protocol, TextIO
 from twisted.application.service import IService, Service
 from twisted.internet import fdesc
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IReactorTime, IReadDescriptor
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -466,6 +467,7 @@ class PromptSafeStream(io.TextIOBase, TextIO):
         super().__init__()
         self.stream = stream
         self._console: Console | None = None
+        self._discarding = False
 
     def attach_console(self, console: Console) -> None:
         self._console = console
@@ -474,15 +476,25 @@ class PromptSafeStream(io.TextIOBase, TextIO):
         if self._console is console:
             self._console = None
 
+    def discard(self) -> None:
+        """
+        The terminal has hung up: drop what is written from now on.  Every
+        write would fail with C{EIO}, each log line would raise in its
+        observer, and output left in the buffer would fail again at exit.
+        """
+        self._discarding = True
+
     def write(self, text: str) -> int:
         console = self._console
+        if self._discarding:
+            return len(text)
         if console is None:
             return self.stream.write(text)
         console.write_above(text)
         return len(text)
 
     def flush(self) -> None:
-        if not getattr(self.stream, "closed", False):
+        if not (self._discarding or getattr(self.stream, "closed", False)):
             self.stream.flush()
 
     def fileno(self) -> int:
@@ -543,6 +555,30 @@ def _isatty(stream: TextIO) -> bool:
         return stream.isatty()
     except (OSError, ValueError):
         return False
+
+
+def _terminal_present(fd: int) -> bool:
+    """
+    Whether C{fd}'s terminal is still there.  Once it hangs up (its pty master
+    closed, its ssh session or its window gone) the kernel turns every open
+    descriptor of it into one whose reads give end-of-file and whose other
+    operations fail with C{EIO}, and only then sends C{SIGHUP}: so a terminal
+    whose mode can still be read has not hung up.
+    """
+    try:
+        termios.tcgetattr(fd)
+    except (OSError, termios.error):
+        return False
+    return True
+
+
+def _stream_present(stream: TextIO) -> bool:
+    """Whether C{stream} is a terminal that has not hung up (see L{_terminal_present})."""
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError):
+        return False
+    return _terminal_present(fd)
 
 
 def _in_foreground(fd: int) -> bool:
@@ -612,14 +648,23 @@ class ConsoleService(Service):
     """
     Attaches a L{Console} to the terminal on start, when standard input and
     output are one and this process is in its foreground; detaches and restores the
-    terminal on stop, on a hang-up, and at exit should stop never come.
+    terminal on stop, and at exit should stop never come.
 
-    Only a command from the operator stops the gateway.  A hang-up detaches
-    the console and the gateway serves on.  Sent to the background (Ctrl-Z,
-    C{bg}), the gateway serves on too: SIGTTIN is ignored, so reading the
-    terminal fails instead of stopping the process, and the console takes
-    the terminal back when C{fg} returns it.  C{fg} sends SIGCONT only to a
-    stopped job, so a background console also looks every half second.
+    The gateway stops for a command from the operator (C{exit}, Ctrl-D) and
+    when the terminal hangs up: a gateway started by hand in a terminal that
+    is then closed (a tab, an ssh session that drops) must not live on
+    without its operator, holding its port.  The hang-up shows as a read that
+    gives end-of-file or C{EIO}, and as SIGHUP from the kernel or the shell, in
+    either order; both stop the gateway gracefully, once.  A SIGHUP while the
+    terminal is still there is someone's C{kill -HUP}, and goes on to the
+    handler the console found (the key reload); without a console (a daemon,
+    systemd) this service never touches SIGHUP.
+
+    Sent to the background (Ctrl-Z, C{bg}), the gateway serves on: SIGTTIN
+    is ignored, so reading the terminal fails instead of stopping the
+    process, and the console takes the terminal back when C{fg} returns it.
+    C{fg} sends SIGCONT only to a stopped job, so a background console also
+    looks every half second.
     """
 
     name = "console"
@@ -647,6 +692,8 @@ class ConsoleService(Service):
         self._cbreak_mode: list[Any] | None = None
         self._previous_handlers: dict[int, Any] = {}
         self._foreground_check: Any = None
+        self.hung_up = False
+        self._hang_up_trigger: Any = None
 
     @property
     def attached(self) -> bool:
@@ -687,6 +734,7 @@ class ConsoleService(Service):
             stream.attach_console(console)
         self._handle(signal.SIGTTIN, signal.SIG_IGN)
         self._handle(signal.SIGCONT, self._continued)
+        self._handle(signal.SIGHUP, self._hangup_signal)
         self._listen()
         console.start()
 
@@ -734,15 +782,55 @@ class ConsoleService(Service):
             pass  # hung up: there is no terminal left to restore
 
     def _terminal_lost(self, reason: Failure) -> None:
+        """
+        A read gave end-of-file or failed: the terminal hung up, unless this
+        is a background job's read, which fails with C{EIO} too.
+        """
         # The reactor has already forgotten the reader.
         self._reader = None
         if self.console is None:
             return
-        if not _in_foreground(self.stdin_fd):
+        if _terminal_present(self.stdin_fd) and not _in_foreground(self.stdin_fd):
             self._resume()
             return
+        self._hang_up()
+
+    def _hangup_signal(self, signum: int, frame: Any) -> None:
+        """SIGHUP: a hang-up if the terminal is gone, else a C{kill -HUP} for the key reload."""
+        if not _terminal_present(self.stdin_fd):
+            self.reactor.callFromThread(self._hang_up)
+            return
+        previous = self._previous_handlers.get(signal.SIGHUP)
+        if callable(previous):
+            previous(signum, frame)
+
+    def _hang_up(self) -> None:
+        """The terminal is gone: stop the gateway gracefully, as C{exit} would, once."""
+        if self.console is None or self.hung_up:
+            return  # detached already: stopping, or stopped
+        self.hung_up = True
         self._detach()
-        log.info("The console's terminal went away; serving on without a console")
+        if isinstance(self.stdout, PromptSafeStream) and not _stream_present(self.stdout):
+            self.stdout.discard()
+        # The shell and the kernel may each send SIGHUP after the hang-up, and
+        # the services that handle it restore the default (which kills) as
+        # they stop: ignore it now and again once the services have stopped,
+        # so that neither ends the drain.
+        self._ignore_hang_ups()
+        self._hang_up_trigger = self.reactor.addSystemEventTrigger(
+            "before", "shutdown", self._ignore_hang_ups
+        )
+        log.info("The console's terminal hung up; shutting down")
+        try:
+            self.commands.shutdown()
+        except ReactorNotRunning:
+            pass  # a stop was already under way
+
+    def _ignore_hang_ups(self) -> None:
+        try:
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        except ValueError:  # not the main thread
+            pass
 
     def _cancel_foreground_check(self) -> None:
         check, self._foreground_check = self._foreground_check, None
@@ -759,6 +847,9 @@ class ConsoleService(Service):
         """
         self._cancel_foreground_check()
         if self.console is None or self._cbreak_mode is None:
+            return
+        if not _terminal_present(self.stdin_fd):
+            self._hang_up()
             return
         if not _in_foreground(self.stdin_fd):
             self.console.hide()

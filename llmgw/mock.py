@@ -31,6 +31,7 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
     IDelayedCall,
     IListeningPort,
@@ -603,7 +604,8 @@ class ConnectionTracker(WrappingFactory):
 class MockService(Service):
     """
     Listens while running.  A bind failure raises from `startService`, so that ``twistd``
-    stops loudly instead of running a server that serves nothing.
+    stops loudly instead of running a server that serves nothing: with one line that
+    names the flag (``--port 8443: address already in use``) and no traceback.
     """
 
     def __init__(
@@ -625,6 +627,11 @@ class MockService(Service):
         d = self._endpoint.listen(self._tracker)
         d.addCallbacks(self._listening, failures.append)
         if failures:
+            error = failures[0].value
+            if isinstance(error, CannotListenError):
+                from llmgw.service import cannot_listen_message, refuse_to_start
+
+                refuse_to_start(cannot_listen_message(error, "--port", "--bindip"))
             failures[0].raiseException()
 
     def _listening(self, port: IListeningPort) -> None:

@@ -8,15 +8,18 @@ the socket and hands it to worker processes (L{llmgw.cluster}).
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import signal
-from typing import TYPE_CHECKING, Any, TextIO, cast
+import sys
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO, cast
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -34,7 +37,7 @@ if TYPE_CHECKING:
 from llmgw.site import GatewaySite
 from llmgw.upstream import UpstreamClient
 
-__all__ = ["Options", "makeService", "make_service"]
+__all__ = ["Options", "StartupFailure", "makeService", "make_service"]
 
 log = Logger()
 
@@ -77,6 +80,80 @@ def listening_endpoint(config: Config, reactor: IReactorTCP, backlog: int = 1024
     if ipaddress.ip_address(config.bindip).version == 6:
         return TCP6ServerEndpoint(reactor, config.bindport, backlog, config.bindip)
     return TCP4ServerEndpoint(reactor, config.bindport, backlog, config.bindip)
+
+
+class StartupFailure(SystemExit, Exception):
+    """
+    Start-up cannot go on, for a reason the operator fixes with a flag.
+
+    A L{SystemExit} with status 1, so that neither twistd nor Python prints a
+    traceback on the way out; an L{Exception} too, so that a daemonizing
+    twistd still reports it, message and all, to the command that started it.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.code = 1
+
+
+def refuse_to_start(message: str) -> NoReturn:
+    """
+    Tell the operator why, in one line on the real standard error (twistd has
+    turned C{sys.stderr} into log events by now), and end start-up.  A daemon's
+    standard error is C{/dev/null}: its log file gets the line instead, and
+    twistd passes the message on to the command that started it.
+    """
+    stderr = sys.__stderr__
+    if stderr is None or _is_dev_null(stderr):
+        log.error("{line}", line=message)
+    else:
+        stderr.write(message + "\n")
+        stderr.flush()
+    raise StartupFailure(message)
+
+
+def _is_dev_null(stream: TextIO) -> bool:
+    try:
+        return os.path.samestat(os.fstat(stream.fileno()), os.stat(os.devnull))
+    except (OSError, ValueError):
+        return True
+
+
+def cannot_listen_message(
+    error: CannotListenError, port_flag: str = "--bindport", ip_flag: str = "--bindip"
+) -> str:
+    """
+    C{--bindport 42069: address already in use}: what went wrong, named by
+    the flag that fixes it, the port's for a busy or privileged port and the
+    address's for an address this host does not have.
+    """
+    reason = error.socketError
+    code = getattr(reason, "errno", None)
+    text = os.strerror(code) if isinstance(code, int) else str(reason)
+    text = text[:1].lower() + text[1:]
+    if code == errno.EADDRNOTAVAIL:
+        return f"{ip_flag} {error.interface}: {text}"
+    if code in (errno.EADDRINUSE, errno.EACCES):
+        return f"{port_flag} {error.port}: {text}"
+    return f"{ip_flag} {error.interface} {port_flag} {error.port}: {text}"
+
+
+class GatewayService(MultiService):
+    """
+    Everything C{twistd llmgw} runs.  The listening socket is bound in
+    C{privilegedStartService}, by this process's listener or by the
+    L{llmgw.cluster.Supervisor}; either way a port that cannot be bound stops
+    start-up with one line that names the flag (L{cannot_listen_message}).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()  # type: ignore[no-untyped-call]
+        except CannotListenError as error:
+            refuse_to_start(cannot_listen_message(error))
 
 
 class KeyReloadService(Service):
@@ -230,7 +307,7 @@ def make_service(
     config: Config, reactor: Any, stdout: TextIO | None = None, console: bool = True
 ) -> MultiService:
     """Everything C{twistd llmgw} runs, wired but not started."""
-    top = MultiService()
+    top = GatewayService()
     log.info(
         "llmgw on {bindip}:{bindport} with {workers} worker(s), forwarding to {upstream}",
         bindip=config.bindip,
@@ -265,7 +342,7 @@ def make_service(
             SweepService(limiter, reactor).setServiceParent(top)
         server = StreamServerEndpointService(listening_endpoint(config, reactor), site)
         # Like twisted.application.strports: a port that cannot be bound ends
-        # start-up with the error instead of a gateway that serves nothing.
+        # start-up (see GatewayService) instead of a gateway that serves nothing.
         server._raiseSynchronously = True
         server.setServiceParent(top)
         commands = LocalCommands(resource, limiter, reactor, health)

@@ -6,17 +6,24 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import signal
+import socket
 import sys
 import termios
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.error import ConnectionLost, ProcessDone, ProcessExitedAlready
+from twisted.internet.error import (
+    ConnectionDone,
+    ConnectionLost,
+    ProcessDone,
+    ProcessExitedAlready,
+)
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import MemoryReactor
@@ -36,8 +43,10 @@ from llmgw.console import (
     format_uptime,
     prompt_safe_stdout,
 )
+from llmgw.mock import Behaviour
 from tests.console_harness import STATS
-from tests.loopback import inline
+from tests.loopback import Reply, Upstream, chat_body, free_port, inline, request, start_upstream
+from tests.test_cluster import alive
 
 reactor: Any = _reactor
 
@@ -468,6 +477,14 @@ async def eventually(predicate: Callable[[], bool], what: str, timeout: float = 
         await deferLater(reactor, 0.01, lambda: None)
 
 
+def close_quietly(stream: TextIO) -> None:
+    """Close a file whose terminal hung up: what is left in its buffer cannot be written."""
+    try:
+        stream.close()
+    except OSError:
+        pass
+
+
 def console_readers() -> list[Any]:
     return [r for r in reactor.getReaders() if r.logPrefix() == "console"]
 
@@ -482,12 +499,28 @@ class TerminalTests(TestCase):
         self.addCleanup(os.close, self.slave)
         self.addCleanup(self.close_master)
         self.before = termios.tcgetattr(self.slave)
+        # What the gateway's key reload would be: the handler the console finds.
+        self.reloads: list[int] = []
+        original = signal.signal(signal.SIGHUP, lambda signum, frame: self.reloads.append(signum))
+        self.addCleanup(signal.signal, signal.SIGHUP, original)
         self.handlers = [signal.getsignal(signal.SIGCONT), signal.getsignal(signal.SIGTTIN)]
+        self.hangup_handler = signal.getsignal(signal.SIGHUP)
         self.commands = RecordingCommands()
         self.out = TerminalOutput()
-        self.service = ConsoleService(self.commands, reactor, self.slave, self.out)
-        self.service.startService()
-        self.addCleanup(self.service.stopService)
+        self.service = self.start_service(self.out)
+
+    def start_service(self, out: TextIO) -> ConsoleService:
+        service = ConsoleService(self.commands, reactor, self.slave, out)
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.addCleanup(self.forget_hang_up_trigger, service)
+        return service
+
+    def forget_hang_up_trigger(self, service: ConsoleService) -> None:
+        """The trigger a hang-up leaves for the process's shutdown, which trial never runs."""
+        trigger = getattr(service, "_hang_up_trigger", None)
+        if trigger is not None:
+            reactor.removeSystemEventTrigger(trigger)
 
     def current_handlers(self) -> list[Any]:
         return [signal.getsignal(signal.SIGCONT), signal.getsignal(signal.SIGTTIN)]
@@ -524,13 +557,96 @@ class TerminalTests(TestCase):
         await eventually(lambda: self.commands.calls != [], "shutdown")
         self.assertEqual(self.commands.calls, ["shutdown"])
 
+    async def turns(self, count: int = 5) -> None:
+        for _ in range(count):
+            await deferLater(reactor, 0, lambda: None)
+
     @inline
-    async def test_hang_up_detaches_without_shutting_down(self) -> None:
+    async def test_hang_up_shuts_down(self) -> None:
+        """The read gives end-of-file: shut down as C{exit} would, and ignore SIGHUP from now on."""
         self.close_master()
-        await eventually(lambda: not self.service.attached, "the console to detach")
-        self.assertEqual(self.commands.calls, [])
+        await eventually(lambda: self.commands.calls != [], "the shutdown")
+        self.assertEqual(self.commands.calls, ["shutdown"])
+        self.assertTrue(self.service.hung_up)
+        self.assertFalse(self.service.attached)
         self.assertEqual(console_readers(), [])
         self.assertEqual(self.current_handlers(), self.handlers)
+        self.assertEqual(signal.getsignal(signal.SIGHUP), signal.SIG_IGN)
+        # The shell's and the kernel's SIGHUP that follow a hang-up change nothing.
+        os.kill(os.getpid(), signal.SIGHUP)
+        await self.turns()
+        self.assertEqual((self.commands.calls, self.reloads), (["shutdown"], []))
+
+    @inline
+    async def test_sighup_before_the_read_shuts_down_once(self) -> None:
+        """The kernel's SIGHUP comes first: it stops alone, and the read after it does not again."""
+        [reader] = console_readers()
+        reactor.removeReader(reader)
+        self.close_master()
+        os.kill(os.getpid(), signal.SIGHUP)
+        await eventually(lambda: self.commands.calls != [], "the shutdown")
+        reader.connectionLost(Failure(ConnectionDone()))  # the end-of-file, read late
+        await self.turns()
+        self.assertEqual((self.commands.calls, self.reloads), (["shutdown"], []))
+        self.assertFalse(self.service.attached)
+
+    @inline
+    async def test_sighup_with_the_terminal_there_is_a_reload(self) -> None:
+        """C{kill -HUP} reaches the handler the console found, and the console stays."""
+        os.kill(os.getpid(), signal.SIGHUP)
+        await eventually(lambda: self.reloads != [], "the reload")
+        self.assertEqual((self.reloads, self.commands.calls), ([signal.SIGHUP], []))
+        self.assertTrue(self.service.attached)
+        self.service.stopService()
+        self.assertEqual(signal.getsignal(signal.SIGHUP), self.hangup_handler)
+
+    def test_hang_up_ignores_sighup_once_the_services_stop(self) -> None:
+        """
+        The key reload puts SIGHUP back to its default (which kills) as it stops:
+        after a hang-up, the shutdown's own trigger ignores it again.
+        """
+        self.service.stopService()
+        memory = MemoryReactor()
+        service = ConsoleService(self.commands, memory, self.slave, TerminalOutput())
+        service.startService()
+        self.addCleanup(service.stopService)
+        [reader] = memory.getReaders()
+        self.close_master()
+        reader.connectionLost(Failure(ConnectionDone()))  # what the reactor does at end-of-file
+        self.assertEqual(self.commands.calls, ["shutdown"])
+        [(ignore, args, kwargs)] = memory.triggers["before"]["shutdown"]
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)  # what a stopping KeyReloadService does
+        ignore(*args, **kwargs)
+        self.assertEqual(signal.getsignal(signal.SIGHUP), signal.SIG_IGN)
+
+    @inline
+    async def test_hang_up_in_the_background(self) -> None:
+        """A background job's terminal hangs up: its look for C{fg} finds it gone, and stops."""
+        self.patch(console_module, "_in_foreground", lambda fd: False)
+        [reader] = console_readers()
+        reactor.removeReader(reader)
+        reader.connectionLost(Failure(ConnectionLost()))  # the background read's EIO
+        self.assertEqual((self.commands.calls, self.service.attached), ([], True))
+        self.close_master()
+        await eventually(lambda: self.commands.calls != [], "the shutdown")
+        self.assertEqual(self.commands.calls, ["shutdown"])
+        self.assertFalse(self.service.attached)
+
+    @inline
+    async def test_hang_up_silences_the_prompt_safe_stream(self) -> None:
+        """Log lines after a hang-up are dropped, not written to a terminal that fails with EIO."""
+        self.service.stopService()
+        terminal = open(os.dup(self.slave), "w")
+        self.addCleanup(close_quietly, terminal)
+        stream = PromptSafeStream(terminal)
+        service = self.start_service(stream)
+        self.assertTrue(service.attached)
+        self.close_master()
+        await eventually(lambda: self.commands.calls != [], "the shutdown")
+        self.assertEqual(stream.write("a log line\n"), 11)
+        stream.flush()
+        with self.assertRaises(OSError):
+            os.write(terminal.fileno(), b"a log line\n")
 
     @inline
     async def test_continue_restores_cbreak_and_redraws(self) -> None:
@@ -694,3 +810,169 @@ class PseudoTerminalSessionTests(TestCase):
         self.assertIsInstance(await session.ended, ProcessDone)
         self.assertEqual(session.text()[: len(transcript)], transcript)
         self.assertIn("\nTERMINAL RESTORED\nSTDIO BLOCKING\n", session.text())
+
+
+TWISTD = "from twisted.scripts.twistd import run; run()"
+
+
+def port_is_free(port: int) -> bool:
+    """Whether a listening socket could be bound to 127.0.0.1:C{port} now."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+            probe.listen()
+        except OSError:
+            return False
+    return True
+
+
+class GatewayHangUpTests(TestCase):
+    """
+    The real gateway in the foreground of a pseudo-terminal whose master is
+    then closed, as when a terminal tab is closed or an ssh session drops.
+    The gateway is the terminal's session leader, as under C{ssh -t host
+    llmgw}: the kernel sends it SIGHUP as the terminal hangs up.
+    """
+
+    timeout = 120
+
+    def spawn(self, arguments: list[str]) -> tuple[TerminalSession, Any]:
+        session = TerminalSession()
+        root = str(Path(llmgw.__file__).resolve().parent.parent)
+        path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+        env = {**os.environ, "PYTHONPATH": path, "NO_COLOR": "1"}
+        process = reactor.spawnProcess(
+            session, sys.executable, [sys.executable, *arguments], env=env, usePTY=True
+        )
+
+        def reap() -> Deferred[BaseException] | None:
+            for pid in worker_pids(session):
+                kill_quietly(pid)
+            if session.exited:
+                return None
+            kill_quietly(process.pid)
+            return session.ended
+
+        self.addCleanup(reap)
+        return session, process
+
+    def gateway(self, upstream: Upstream, port: int, workers: int) -> list[str]:
+        return [
+            "llmgw",
+            f"--bindport={port}",
+            "--aihost=localhost",
+            f"--aihostport={upstream.port}",
+            f"--aica={upstream.ca_file}",
+            f"--workers={workers}",
+        ]
+
+    async def started(self, session: TerminalSession, workers: int) -> list[int]:
+        await session.wait_for("llmgw> ", timeout=30)
+        if workers > 1:
+            for number in range(1, workers + 1):
+                await session.wait_for(f"worker {number}: GatewaySite starting", timeout=30)
+        pids = worker_pids(session)
+        self.assertEqual(len(pids), workers if workers > 1 else 0, session.text())
+        return pids
+
+    async def in_flight(self, upstream: Upstream, port: int) -> Deferred[Reply]:
+        reply = Deferred.fromCoroutine(request(self, port, body=chat_body("in flight")))
+        await eventually(lambda: upstream.model.started == 1, "the request to reach the model")
+        return reply
+
+    async def stopped(
+        self, session: TerminalSession, reply: Deferred[Reply], workers: list[int], port: int
+    ) -> None:
+        self.assertEqual((await reply).status, 200)
+        ended = await session.ended
+        self.assertIsInstance(ended, ProcessDone, session.text())
+        await eventually(lambda: not any(map(alive, workers)), "the workers to exit")
+        self.assertTrue(port_is_free(port))
+
+    @inline
+    async def test_two_workers(self) -> None:
+        """The parent and both workers exit 0, the request in hand finishes, the port is free."""
+        upstream = start_upstream(self, defaults=Behaviour(delay=2.0))
+        port = free_port()
+        session, process = self.spawn(["-m", "llmgw.cli", *self.gateway(upstream, port, 2)[1:]])
+        workers = await self.started(session, 2)
+        reply = await self.in_flight(upstream, port)
+        process.loseConnection()  # closes the pseudo-terminal's master
+        await self.stopped(session, reply, workers, port)
+
+    @inline
+    async def test_one_worker_and_a_late_sighup(self) -> None:
+        """
+        C{twistd -n llmgw} with one worker: it stops, and a SIGHUP that comes
+        while it drains (as the shell's and the kernel's may) does not kill it.
+        """
+        upstream = start_upstream(self, defaults=Behaviour(delay=3.0))
+        port = free_port()
+        logfile = Path(self.mktemp())
+        twistd = ["-c", TWISTD, "--nodaemon", "--pidfile=", f"--logfile={logfile}"]
+        session, process = self.spawn([*twistd, *self.gateway(upstream, port, 1)])
+        await self.started(session, 1)
+        reply = await self.in_flight(upstream, port)
+        process.loseConnection()
+
+        def log() -> str:
+            return logfile.read_text() if logfile.exists() else ""
+
+        # The listener closes as the services stop, the key reload's among them.
+        await eventually(lambda: f"(TCP Port {port} Closed)" in log(), "the stop to begin")
+        self.assertIn("The console's terminal hung up; shutting down", log())
+        os.kill(process.pid, signal.SIGHUP)
+        await self.stopped(session, reply, [], port)
+        self.assertNotIn("Traceback", log())
+
+    @inline
+    async def test_kill_hup_with_the_terminal_there_reloads_keys(self) -> None:
+        """C{kill -HUP} while the terminal is open reloads the key files; the console stays."""
+        upstream = start_upstream(self)
+        port = free_port()
+        keys = Path(self.mktemp())
+        keys.write_text("sk-old\n")
+        arguments = [*self.gateway(upstream, port, 2)[1:], f"--api-keys-file={keys}"]
+        session, process = self.spawn(["-m", "llmgw.cli", *arguments])
+        workers = await self.started(session, 2)
+        new_key = {b"Content-Type": [b"application/json"], b"Authorization": [b"Bearer sk-new"]}
+        reply = await request(self, port, body=chat_body(), headers=new_key)
+        self.assertEqual(reply.status, 401)
+        keys.write_text("sk-new\n")
+        os.kill(process.pid, signal.SIGHUP)
+        for _ in range(4):  # both workers, whichever takes each connection
+            await eventually_async(
+                lambda: request(self, port, body=chat_body(), headers=new_key), 200
+            )
+        process.write(b"help\r")
+        await session.wait_for("help\n" + HELP_TEXT + "llmgw> ")
+        self.assertTrue(all(map(alive, workers)))
+        process.write(b"exit\r")
+        self.assertIsInstance(await session.ended, ProcessDone, session.text())
+        await eventually(lambda: not any(map(alive, workers)), "the workers to exit")
+        self.assertTrue(port_is_free(port))
+
+
+async def eventually_async(
+    ask: Callable[[], Coroutine[Any, Any, Reply]], status: int, timeout: float = 10.0
+) -> None:
+    """Ask again until the answer has C{status}."""
+    deadline = reactor.seconds() + timeout
+    while (reply := await ask()).status != status:
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"still {reply.status}: {reply.body!r}")
+        await deferLater(reactor, 0.05, lambda: None)
+
+
+def worker_pids(session: TerminalSession) -> list[int]:
+    """The workers' pids, from the parent's log on the terminal."""
+    return [int(pid) for pid in re.findall(r"Started worker \d+ \(pid (\d+)\)", session.text())]
+
+
+def kill_quietly(pid: int | None) -> None:
+    if pid is not None:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -12,6 +12,7 @@ sees them; a few tests use real loopback sockets, with TLS from `llmgw.devtls`.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from treq.client import HTTPClient
 from treq.testing import StubTreq
 from twisted.internet import defer, reactor
 from twisted.internet.address import IPv4Address
-from twisted.internet.error import CannotListenError, ConnectionDone
+from twisted.internet.error import ConnectionDone
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -44,6 +45,8 @@ from llmgw.mock import (
     makeService,
     split_evenly,
 )
+from llmgw.service import StartupFailure
+from tests.test_service import TWISTD, run_to_exit
 
 NOW = 1_700_000_000
 TEXT = "The quick brown fox jumps over the lazy dog"
@@ -767,11 +770,31 @@ class ServiceTests(unittest.TestCase):
         return defer.Deferred.fromCoroutine(self._test_portfile())
 
     def test_bind_failure_is_loud(self) -> None:
+        """One line that names the flag, and a start-up that ends there."""
         first = start(self)
         options = MockOptions()
         options.parseOptions([f"--port={port_of(first)}"])
         second = makeService(options, reactor=reactor)
-        self.assertRaises(CannotListenError, second.startService)
+        stderr = Path(self.mktemp())
+        stream = stderr.open("w")
+        self.addCleanup(stream.close)
+        self.patch(sys, "__stderr__", stream)
+        failure = self.assertRaises(StartupFailure, second.startService)
+        message = f"--port {port_of(first)}: address already in use"
+        self.assertEqual((str(failure), stderr.read_text()), (message, message + "\n"))
+
+    async def _test_busy_port_under_twistd(self) -> None:
+        first = start(self)
+        out, err, code = await run_to_exit(
+            "-c", TWISTD, "--nodaemon", "--pidfile=", "llmgw-mock", f"--port={port_of(first)}"
+        )
+        self.assertEqual(err, f"--port {port_of(first)}: address already in use\n", out)
+        self.assertNotIn("Traceback", out)
+        self.assertEqual(code, 1)
+
+    def test_busy_port_under_twistd(self) -> defer.Deferred[None]:
+        """``twistd -n llmgw-mock --port N`` with N in use: one line, no traceback, status 1."""
+        return defer.Deferred.fromCoroutine(self._test_busy_port_under_twistd())
 
     async def _test_stop_closes_open_connections(self) -> None:
         service = start(self, "--interval=3600")

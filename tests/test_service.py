@@ -1,15 +1,23 @@
-"""Tests for L{llmgw.service}: how the services are wired, key reloads, draining."""
+"""Tests for L{llmgw.service}: how the services are wired, key reloads, draining,
+and a port that cannot be bound."""
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import signal
+import socket
+import sys
 from pathlib import Path
 
 from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+import llmgw
 from llmgw.cluster import Supervisor
 from llmgw.keys import KeyRing
 from llmgw.options import Config, Options
@@ -18,12 +26,16 @@ from llmgw.service import (
     DrainService,
     KeyReloadService,
     LocalCommands,
+    StartupFailure,
     SweepService,
+    cannot_listen_message,
     clear_exit_signal,
     make_service,
+    refuse_to_start,
 )
 from llmgw.site import GatewaySite
 from tests.loopback import eventually, inline, reactor
+from tests.test_keys import capture_events
 
 
 class WiringTests(SynchronousTestCase):
@@ -109,3 +121,157 @@ class KeyReloadTests(TestCase):
         await eventually(lambda: keys.accepts(b"new-key"))
         self.assertFalse(keys.accepts(b"old-key"))
         self.flushLoggedErrors()
+
+
+def cannot_listen(code: int, interface: str = "127.0.0.1", port: int = 42069) -> CannotListenError:
+    return CannotListenError(interface, port, OSError(code, os.strerror(code)))
+
+
+class CannotListenMessageTests(SynchronousTestCase):
+    """One line, named by the flag that fixes it."""
+
+    def test_busy_port(self) -> None:
+        self.assertEqual(
+            cannot_listen_message(cannot_listen(errno.EADDRINUSE)),
+            "--bindport 42069: address already in use",
+        )
+        self.assertEqual(
+            cannot_listen_message(cannot_listen(errno.EADDRINUSE, "::1"), "--port", "--bindip"),
+            "--port 42069: address already in use",
+        )
+
+    def test_privileged_port(self) -> None:
+        self.assertEqual(
+            cannot_listen_message(cannot_listen(errno.EACCES, port=80)),
+            "--bindport 80: permission denied",
+        )
+
+    def test_address_this_host_does_not_have(self) -> None:
+        self.assertEqual(
+            cannot_listen_message(cannot_listen(errno.EADDRNOTAVAIL, "192.0.2.1")),
+            "--bindip 192.0.2.1: cannot assign requested address",
+        )
+
+    def test_anything_else_names_both(self) -> None:
+        self.assertEqual(
+            cannot_listen_message(cannot_listen(errno.ENOBUFS, "::1")),
+            "--bindip ::1 --bindport 42069: no buffer space available",
+        )
+
+
+def occupied_port(test: TestCase | SynchronousTestCase) -> int:
+    """A port on 127.0.0.1 that something else listens on, for the test's length."""
+    holder = socket.socket()
+    test.addCleanup(holder.close)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    return int(holder.getsockname()[1])
+
+
+class RefuseToStartTests(SynchronousTestCase):
+    def stderr(self, path: str) -> io.TextIOWrapper:
+        stream = open(path, "w")
+        self.addCleanup(stream.close)
+        self.patch(sys, "__stderr__", stream)
+        return stream
+
+    def test_one_line_on_stderr_and_exit_status_1(self) -> None:
+        path = self.mktemp()
+        self.stderr(path)
+        failure = self.assertRaises(StartupFailure, refuse_to_start, "--bindport 1: why")
+        self.assertEqual(Path(path).read_text(), "--bindport 1: why\n")
+        self.assertEqual((failure.code, str(failure)), (1, "--bindport 1: why"))
+        # SystemExit: no traceback; Exception: a daemonizing twistd reports it.
+        self.assertIsInstance(failure, SystemExit)
+        self.assertIsInstance(failure, Exception)
+
+    def test_a_daemon_logs_it(self) -> None:
+        self.stderr(os.devnull)
+        events = capture_events(self)
+        self.assertRaises(StartupFailure, refuse_to_start, "--bindport 1: why")
+        [event] = [e for e in events if e.get("log_namespace") == "llmgw.service"]
+        self.assertEqual((event["log_level"].name, event["line"]), ("error", "--bindport 1: why"))
+
+
+class BusyPortTests(TestCase):
+    """The gateway's own start on a port in use, in this process."""
+
+    def start_on_busy_port(self, workers: int) -> None:
+        port = occupied_port(self)
+        path = self.mktemp()
+        stream = open(path, "w")
+        self.addCleanup(stream.close)
+        self.patch(sys, "__stderr__", stream)
+        top = make_service(Config(workers=workers, bindport=port), reactor, console=False)
+        self.assertRaises(StartupFailure, top.privilegedStartService)
+        self.assertEqual(Path(path).read_text(), f"--bindport {port}: address already in use\n")
+
+    def test_one_worker(self) -> None:
+        self.start_on_busy_port(1)
+
+    def test_workers(self) -> None:
+        self.start_on_busy_port(2)
+
+
+TWISTD = "from twisted.scripts.twistd import run; run()"
+
+
+async def run_to_exit(*arguments: str) -> tuple[str, str, int]:
+    """Run C{python ARGUMENTS} with this checkout on its path: its output, errors and status."""
+    root = str(Path(llmgw.__file__).resolve().parent.parent)
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "NO_COLOR": "1"}
+    out, err, code = await getProcessOutputAndValue(
+        sys.executable, arguments, env=env, reactor=reactor
+    )
+    return out.decode(), err.decode(), code
+
+
+class BusyPortProcessTests(TestCase):
+    """C{llmgw} and C{twistd llmgw} on a port in use: one line, no traceback, status 1."""
+
+    timeout = 120
+
+    async def gateway(self, workers: int, *command: str) -> None:
+        port = occupied_port(self)
+        flags = ["--bindport", str(port), "--aihost", "127.0.0.1", "--workers", str(workers)]
+        out, err, code = await run_to_exit(*command, *flags)
+        self.assertEqual(err, f"--bindport {port}: address already in use\n", out)
+        self.assertNotIn("Traceback", out)
+        self.assertEqual(code, 1)
+
+    @inline
+    async def test_llmgw_with_one_worker(self) -> None:
+        await self.gateway(1, "-m", "llmgw.cli")
+
+    @inline
+    async def test_llmgw_with_workers(self) -> None:
+        await self.gateway(2, "-m", "llmgw.cli")
+
+    @inline
+    async def test_twistd_in_the_foreground(self) -> None:
+        await self.gateway(2, "-c", TWISTD, "--nodaemon", "--pidfile=", "llmgw")
+
+    @inline
+    async def test_twistd_daemon(self) -> None:
+        """The daemon's log says it, and twistd tells the command that started it."""
+        port = occupied_port(self)
+        pidfile, logfile = Path(self.mktemp()), Path(self.mktemp())
+        twistd = ["-c", TWISTD, f"--pidfile={pidfile}", f"--logfile={logfile}", "llmgw"]
+        flags = ["--bindport", str(port), "--aihost", "127.0.0.1", "--workers", "1"]
+        out, err, code = await run_to_exit(*twistd, *flags)
+        message = f"--bindport {port}: address already in use"
+        self.assertEqual(
+            (out, err, code),
+            (
+                "",
+                f"An error has occurred: b'llmgw.service.StartupFailure: {message}'\n"
+                "Please look at log file for more information.\n",
+                1,
+            ),
+        )
+        await eventually(lambda: not pidfile.exists(), timeout=10)
+        log = logfile.read_text()
+        self.assertIn(f" [llmgw.service#error] {message}\n", log)
+        self.assertNotIn("Traceback", log)
