@@ -19,6 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 import llmgw
 from llmgw.cluster import Supervisor
+from llmgw.health import HealthChecker
 from llmgw.keys import KeyRing
 from llmgw.options import Config, Options
 from llmgw.ratelimit import SlidingWindowLimiter
@@ -66,6 +67,36 @@ class WiringTests(SynchronousTestCase):
         self.assertEqual(supervisor.config.workers, 3)
         self.assertIsInstance(supervisor.limiter, SlidingWindowLimiter)
         self.assertNotIn(StreamServerEndpointService, [type(s) for s in top])
+
+    def test_replicas_are_checked_in_process(self) -> None:
+        """With --upstream and one worker, the checks feed this process's router."""
+        upstreams = ("https://127.0.0.1:8001", "https://127.0.0.1:8002")
+        top = make_service(
+            Config(workers=1, upstreams=upstreams), MemoryReactorClock(), console=False
+        )
+        (checker,) = [s for s in top if isinstance(s, HealthChecker)]
+        self.assertEqual(list(checker.replicas), list(upstreams))
+        (server,) = [s for s in top if isinstance(s, StreamServerEndpointService)]
+        resource = server.factory.resource
+        checker.on_change(upstreams[1], False, None)
+        self.assertEqual([r.up for r in resource.router.replicas], [True, False])
+
+    def test_replicas_are_checked_by_the_parent(self) -> None:
+        upstreams = ("https://127.0.0.1:8001", "https://127.0.0.1:8002")
+        top = make_service(
+            Config(workers=2, upstreams=upstreams), MemoryReactorClock(), console=False
+        )
+        (supervisor,) = [s for s in top if isinstance(s, Supervisor)]
+        (checker,) = [s for s in top if isinstance(s, HealthChecker)]
+        self.assertIs(supervisor.health, checker)
+        self.assertEqual(checker.on_change, supervisor.replica_state_changed)
+        self.assertEqual(checker.interval, 5.0)
+
+    def test_lone_upstream_is_never_checked(self) -> None:
+        """Nothing reaches a lone --aihost in the background."""
+        for workers in (1, 2):
+            top = make_service(Config(workers=workers), MemoryReactorClock(), console=False)
+            self.assertEqual([s for s in top if isinstance(s, HealthChecker)], [])
 
     def test_console_added_last(self) -> None:
         top = make_service(Config(workers=1), MemoryReactorClock())
