@@ -325,7 +325,7 @@ class StalledParentTests(TestCase):
         self.assertEqual([r.status for r in replies], [200, 200, 429, 429])
         # Only the first question waits for the stalled parent.
         self.assertGreaterEqual(took[0], ADMIT_TIMEOUT)
-        self.assertLess(max(took[1:]), ADMIT_TIMEOUT / 2, took)
+        self.assertLess(max(took[1:]), ADMIT_TIMEOUT, took)  # none waited the timeout
         os.kill(parent, signal.SIGCONT)
         await eventually(lambda: "The parent's limiter answers again" in process.text(), 10)
         after: list[Reply] = []
