@@ -159,7 +159,11 @@ def start_gateway(
         config, upstream, clock, RequestLog(clock, verbose=False, colour=False), limiter, keys
     )
     site = GatewaySite(
-        resource, reactor, max_body=config.max_body, read_timeout=config.read_timeout
+        resource,
+        reactor,
+        max_body=config.max_body,
+        read_timeout=config.read_timeout,
+        clients=resource.clients,
     )
     port: IListeningPort = reactor.listenTCP(0, site, interface="127.0.0.1")
     test.addCleanup(port.stopListening)

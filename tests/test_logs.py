@@ -27,6 +27,7 @@ from zope.interface import implementer
 from llmgw.keys import KeyRing
 from llmgw.logs import RequestLog, use_colour
 from llmgw.options import Config
+from llmgw.record import RequestIds
 from llmgw.service import build_site
 
 SECRET = "sk-live-DoNotLog-7f3a9c"
@@ -344,6 +345,7 @@ class GatewayAccessLogTests(SynchronousTestCase):
         # Port 9 on loopback: never connected to, MemoryReactorClock connects nothing.
         config = Config(aihost="127.0.0.1", aihostport=9, aischeme="http", verbose=verbose)
         site = build_site(config, self.clock, None, KeyRing(None, None), colour=False)
+        site.request_ids = RequestIds("id")
         self.addCleanup(site.resource.upstream.pool.closeCachedConnections)
         return site
 
@@ -367,7 +369,10 @@ class GatewayAccessLogTests(SynchronousTestCase):
         self.get(site, b"/healthz")
         self.assertEqual(
             self.lines(),
-            ["127.0.0.1 GET /healthz 200 16 0.0ms", "127.0.0.1 GET /healthz 200 16 0.0ms"],
+            [
+                "127.0.0.1 GET /healthz 200 16 0.0ms id00000001",
+                "127.0.0.1 GET /healthz 200 16 0.0ms id00000002",
+            ],
         )
 
     def test_verbose_on_adds_to_the_access_line(self) -> None:
@@ -379,7 +384,8 @@ class GatewayAccessLogTests(SynchronousTestCase):
         replied, access = access_events(self.events)
         self.assertEqual(replied["status"], 503)
         self.assertEqual(
-            formatEvent(access), f"127.0.0.1 GET /readyz 503 {access['bytes']} 10000.0ms"
+            formatEvent(access),
+            f"127.0.0.1 GET /readyz 503 {access['bytes']} 10000.0ms id00000001",
         )
 
     def test_health_checks_logged_when_verbose(self) -> None:
@@ -390,6 +396,6 @@ class GatewayAccessLogTests(SynchronousTestCase):
         self.clock.advance(10)
         self.assertTrue(readyz.value().startswith(b"HTTP/1.1 503 Service Unavailable\r\n"))
         healthz, replied, access = self.lines()
-        self.assertEqual(healthz, "127.0.0.1 GET /healthz 200 16 0.0ms")
-        self.assertRegex(replied, r'^127\.0\.0\.1 503 \{"error": ')
-        self.assertRegex(access, r"^127\.0\.0\.1 GET /readyz 503 \d+ 10000\.0ms$")
+        self.assertEqual(healthz, "127.0.0.1 GET /healthz 200 16 0.0ms id00000001")
+        self.assertRegex(replied, r'^127\.0\.0\.1 id00000002 503 \{"error": ')
+        self.assertRegex(access, r"^127\.0\.0\.1 GET /readyz 503 \d+ 10000\.0ms id00000002$")

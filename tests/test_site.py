@@ -21,6 +21,7 @@ from llmgw.api import GatewayResource
 from llmgw.errors import ApiError, body_too_large, request_timeout
 from llmgw.headers import HARDENING_HEADERS
 from llmgw.logs import RequestLog
+from llmgw.record import RequestIds, RequestRecord
 from llmgw.site import (
     IDLE_SECONDS,
     LINGER_SECONDS,
@@ -101,6 +102,9 @@ class Connection:
             read_timeout=read_timeout,
             access_log=access_log,
         )
+        self.site.request_ids = RequestIds("id")
+        self.records: list[RequestRecord] = []
+        self.site.record_observers.append(self.records.append)
         peer = IPv4Address("TCP", "127.0.0.1", 5000)
         self.channel: Any = self.site.buildProtocol(peer)
         assert isinstance(self.channel, GatewayChannel)
@@ -155,6 +159,7 @@ class BodyLimitTests(SynchronousTestCase):
             b"Content-Length: %d" % (len(body_too_large(100).body()),),
             b"Connection: close",
         ] + [name + b": " + value for name, value in HARDENING_HEADERS]
+        expected.append(b"X-Request-Id: id00000001")
         self.assertEqual(head, b"\r\n".join(expected))
         self.assertEqual(head.lower().count(b"\r\nconnection:"), 1)
 
@@ -287,7 +292,7 @@ class RefusedAccessLineTests(SynchronousTestCase):
         c.send(post(101))
         size = len(body_too_large(100).body())
         self.assertEqual(
-            self.access_lines(), [f"127.0.0.1 POST /v1/chat/completions 413 {size} 0.0ms"]
+            self.access_lines(), [f"127.0.0.1 POST /v1/chat/completions 413 {size} 0.0ms id00000001"]
         )
 
     def test_413_chunked(self) -> None:
@@ -298,7 +303,7 @@ class RefusedAccessLineTests(SynchronousTestCase):
         )
         size = len(body_too_large(100).body())
         self.assertEqual(
-            self.access_lines(), [f"127.0.0.1 POST /v1/chat/completions 413 {size} 0.0ms"]
+            self.access_lines(), [f"127.0.0.1 POST /v1/chat/completions 413 {size} 0.0ms id00000001"]
         )
 
     def test_408_counts_from_the_connection(self) -> None:
@@ -309,7 +314,7 @@ class RefusedAccessLineTests(SynchronousTestCase):
         self.assertEqual(c.response()[0], 408)
         size = len(request_timeout(30).body())
         self.assertEqual(
-            self.access_lines(), [f"127.0.0.1 POST /v1/chat/completions 408 {size} 30000.0ms"]
+            self.access_lines(), [f"127.0.0.1 POST /v1/chat/completions 408 {size} 30000.0ms id00000001"]
         )
 
     def test_408_before_the_request_line(self) -> None:
@@ -318,14 +323,14 @@ class RefusedAccessLineTests(SynchronousTestCase):
         c.clock.advance(30)
         self.assertEqual(c.response()[0], 408)
         size = len(request_timeout(30).body())
-        self.assertEqual(self.access_lines(), [f"127.0.0.1 - - 408 {size} 30000.0ms"])
+        self.assertEqual(self.access_lines(), [f"127.0.0.1 - - 408 {size} 30000.0ms id00000001"])
 
     def test_400_garbage_request_line(self) -> None:
         c = self.connect()
         c.send(b"\x00\x01\x02 nonsense\r\n\r\n")
         self.assertEqual(c.response()[0], 400)
         [line] = self.access_lines()
-        self.assertRegex(line, r"^127\.0\.0\.1 - - 400 \d+ 0\.0ms$")
+        self.assertRegex(line, r"^127\.0\.0\.1 - - 400 \d+ 0\.0ms id00000001$")
 
     def test_second_request_refused_is_itself(self) -> None:
         """On a keep-alive connection, a refused request is not logged as the one before."""
@@ -336,8 +341,8 @@ class RefusedAccessLineTests(SynchronousTestCase):
         self.assertEqual(
             self.access_lines(),
             [
-                "127.0.0.1 POST /v1/chat/completions 200 1 0.0ms",
-                f"127.0.0.1 POST /v1/other 413 {size} 0.0ms",
+                "127.0.0.1 POST /v1/chat/completions 200 1 0.0ms id00000001",
+                f"127.0.0.1 POST /v1/other 413 {size} 0.0ms id00000002",
             ],
         )
 
@@ -349,7 +354,7 @@ class RefusedAccessLineTests(SynchronousTestCase):
             post(2) + b"{}" + b"POST /v1/other HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\n"
         )
         size = len(body_too_large(10).body())
-        self.assertEqual(self.access_lines()[1], f"127.0.0.1 POST /v1/other 413 {size} 0.0ms")
+        self.assertEqual(self.access_lines()[1], f"127.0.0.1 POST /v1/other 413 {size} 0.0ms id00000002")
 
     def test_silent_connection_has_no_access_line(self) -> None:
         """No request, no access line: the close is logged once, as a connection event."""
