@@ -292,7 +292,8 @@ class RefusedAccessLineTests(SynchronousTestCase):
         c.send(post(101))
         size = len(body_too_large(100).body())
         self.assertEqual(
-            self.access_lines(), [f"127.0.0.1 POST /v1/chat/completions 413 {size} 0.0ms id00000001"]
+            self.access_lines(),
+            [f"127.0.0.1 POST /v1/chat/completions 413 {size} 0.0ms id00000001"],
         )
 
     def test_413_chunked(self) -> None:
@@ -303,7 +304,8 @@ class RefusedAccessLineTests(SynchronousTestCase):
         )
         size = len(body_too_large(100).body())
         self.assertEqual(
-            self.access_lines(), [f"127.0.0.1 POST /v1/chat/completions 413 {size} 0.0ms id00000001"]
+            self.access_lines(),
+            [f"127.0.0.1 POST /v1/chat/completions 413 {size} 0.0ms id00000001"],
         )
 
     def test_408_counts_from_the_connection(self) -> None:
@@ -314,7 +316,8 @@ class RefusedAccessLineTests(SynchronousTestCase):
         self.assertEqual(c.response()[0], 408)
         size = len(request_timeout(30).body())
         self.assertEqual(
-            self.access_lines(), [f"127.0.0.1 POST /v1/chat/completions 408 {size} 30000.0ms id00000001"]
+            self.access_lines(),
+            [f"127.0.0.1 POST /v1/chat/completions 408 {size} 30000.0ms id00000001"],
         )
 
     def test_408_before_the_request_line(self) -> None:
@@ -354,7 +357,9 @@ class RefusedAccessLineTests(SynchronousTestCase):
             post(2) + b"{}" + b"POST /v1/other HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\n"
         )
         size = len(body_too_large(10).body())
-        self.assertEqual(self.access_lines()[1], f"127.0.0.1 POST /v1/other 413 {size} 0.0ms id00000002")
+        self.assertEqual(
+            self.access_lines()[1], f"127.0.0.1 POST /v1/other 413 {size} 0.0ms id00000002"
+        )
 
     def test_silent_connection_has_no_access_line(self) -> None:
         """No request, no access line: the close is logged once, as a connection event."""
