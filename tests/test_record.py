@@ -59,7 +59,8 @@ class TakeUsageTests(SynchronousTestCase):
 
     def test_nonsense_ignored(self) -> None:
         record = self.record()
-        for usage in (None, [], "5", {"prompt_tokens": "5", "completion_tokens": True}):
+        nonsense: list[object] = [None, [], "5", {"prompt_tokens": "5", "completion_tokens": True}]
+        for usage in nonsense:
             record.take_usage(usage)
         record.take_usage({"prompt_tokens": 1.5, "completion_tokens": None})
         self.assertEqual((record.prompt_tokens, record.completion_tokens), (None, None))
