@@ -304,7 +304,8 @@ class GatewayResource(Resource):
             )
         except ApiError:
             record = _record(request)
-            if record is not None:
+            if record is not None and record.rejected is None:
+                # Unless the admission refused it already: its verdict comes first.
                 record.rejected = "validation"
             await admission
             raise

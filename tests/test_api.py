@@ -747,6 +747,33 @@ class RequestIdTests(HeadersMixin, TestCase):
         self.assertEqual([a.outcome for a in record.attempts], ["unreachable"])
 
     @inline
+    async def test_refusal_reason_is_the_status_sent(self) -> None:
+        """An invalid body from a client without a key, or over its limit: auth, rate_limit."""
+        upstream = start_upstream(self)
+        clock = Clock()
+        keyfile = self.mktemp()
+        with open(keyfile, "w") as f:
+            f.write("sk-client\n")
+        gateway = start_gateway(
+            self,
+            gateway_config(upstream, rate_limit=1),
+            clock=clock,
+            limiter=SlidingWindowLimiter(1, 60, clock),
+            keys=KeyRing(None, keyfile),
+        )
+        auth = {**JSON_HEADERS, b"Authorization": [b"Bearer sk-client"]}
+        invalid = chat_body(temperature=3)
+        replies = [
+            await request(self, gateway.port, body=invalid),
+            await request(self, gateway.port, body=invalid, headers=auth),
+            await request(self, gateway.port, body=invalid, headers=auth),
+        ]
+        self.assertEqual([reply.status for reply in replies], [401, 400, 429])
+        self.assertEqual(
+            [record.rejected for record in gateway.records], ["auth", "validation", "rate_limit"]
+        )
+
+    @inline
     async def test_unique_per_attempt(self) -> None:
         """A refused replica and one that answers 503: three tries, three ids."""
         ca = make_ca()
