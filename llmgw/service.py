@@ -190,11 +190,18 @@ class AccessLogService(Service):
     did), or end start-up with one line that says why it cannot be.
 
     It is never closed early: lines keep coming until the last request has
-    drained, and every batch is flushed as it is written.
+    drained, and every batch is flushed as it is written.  In a lone process,
+    the batch of the last turn is written once the reactor has stopped.
+
+    @ivar lines: this process's batches of lines, if it serves by itself.
     """
 
-    def __init__(self, access_log: AccessLogFile) -> None:
+    def __init__(
+        self, access_log: AccessLogFile, reactor: Any, lines: BatchedAccessLines | None = None
+    ) -> None:
         self.access_log = access_log
+        self.reactor = reactor
+        self.lines = lines
 
     def startService(self) -> None:
         try:
@@ -202,6 +209,8 @@ class AccessLogService(Service):
         except OSError as e:
             refuse_to_start(f"--access-log {self.access_log.path}: {e.strerror}")
         super().startService()  # type: ignore[no-untyped-call]
+        if self.lines is not None:
+            self.reactor.addSystemEventTrigger("after", "shutdown", self.lines.flush)
 
 
 class DrainService(Service):
@@ -345,8 +354,12 @@ def make_service(
     # Fail now, with a usage-style message, rather than in every worker.
     keys = KeyRing(config.aikey_file, config.api_keys_file)
     access_log = None if config.access_log is None else AccessLogFile(config.access_log)
+    access_lines = None
     if access_log is not None:
-        AccessLogService(access_log).setServiceParent(top)  # type: ignore[no-untyped-call]
+        if config.workers == 1:
+            access_lines = BatchedAccessLines(reactor, access_log.write)
+        opener = AccessLogService(access_log, reactor, access_lines)
+        opener.setServiceParent(top)  # type: ignore[no-untyped-call]
     if config.workers > 1:
         from llmgw.cluster import Supervisor
 
@@ -364,8 +377,8 @@ def make_service(
         KeyReloadService(keys, reactor, access_log).setServiceParent(top)  # type: ignore[no-untyped-call]
         limiter = local_limiter(config, reactor)
         site = build_site(config, reactor, limiter, keys)
-        if access_log is not None:
-            site.record_observers.append(BatchedAccessLines(reactor, access_log.write).add_record)
+        if access_lines is not None:
+            site.record_observers.append(access_lines.add_record)
         resource = cast(GatewayResource, site.resource)
         health = health_checker(config, keys, reactor, resource.router.set_health)
         if health is not None:

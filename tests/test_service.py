@@ -164,6 +164,22 @@ class AccessLogWiringTests(SynchronousTestCase):
         clock.advance(0)
         self.assertEqual(Path(path).read_text().count('"request_id":"0123456789ab00000007"'), 1)
 
+    def test_last_lines_written_after_the_reactor_stops(self) -> None:
+        path = self.mktemp()
+        clock = MemoryReactorClock()
+        top = make_service(Config(workers=1, access_log=path), clock, console=False)
+        opener = next(iter(top))
+        assert isinstance(opener, AccessLogService) and opener.lines is not None
+        opener.startService()
+        self.addCleanup(opener.access_log.close)
+        from tests.test_logs import finished_record
+
+        opener.lines.add_record(finished_record())
+        self.assertEqual(Path(path).read_text(), "")
+        [flush] = clock.triggers["after"]["shutdown"]
+        flush[0]()
+        self.assertEqual(Path(path).read_text().count("\n"), 1)
+
     def test_workers_send_theirs_to_the_parent(self) -> None:
         path = self.mktemp()
         top = make_service(Config(workers=2, access_log=path), MemoryReactorClock(), console=False)
@@ -182,7 +198,7 @@ class AccessLogWiringTests(SynchronousTestCase):
         self.patch(sys, "__stderr__", devnull)
         capture_events(self)
         path = os.path.join(self.mktemp(), "access.log")
-        service = AccessLogService(AccessLogFile(path))
+        service = AccessLogService(AccessLogFile(path), MemoryReactorClock())
         failure = self.assertRaises(StartupFailure, service.startService)
         self.assertEqual(str(failure), f"--access-log {path}: No such file or directory")
         self.assertFalse(service.running)
