@@ -31,6 +31,7 @@ from llmgw.keys import KeyRing, bearer_token
 from llmgw.logs import RequestLog, peer_host
 from llmgw.options import Config
 from llmgw.ratelimit import Decision, ILimiter, rate_limit_headers
+from llmgw.record import Attempt, RequestRecord, attempt_request_id
 from llmgw.routing import Lease, Replica, Router
 from llmgw.site import render_error
 from llmgw.upstream import EventStreamRelay, ReplicaUnreachable, UpstreamClient
@@ -56,6 +57,20 @@ class Counters:
     in_flight: int = 0
     refused: int = 0
     upstream_errors: int = 0
+
+
+def _record(request: Request) -> RequestRecord | None:
+    """The request's record: every request a L{GatewaySite} makes has one."""
+    return getattr(request, "record", None)
+
+
+def _outcome(failure: BaseException) -> str:
+    """How an attempt that failed with C{failure} ended."""
+    if isinstance(failure, CancelledError):
+        return "cancelled"
+    if isinstance(failure, ApiError) and failure.status == 504:
+        return "timeout"
+    return "error"
 
 
 def _media_type(request: Request) -> bytes:
@@ -152,8 +167,11 @@ class GatewayResource(Resource):
 
     async def _admit(self, request: Request) -> None:
         """Check the client's key and its rate; refuse with 401 or 429."""
+        record = _record(request)
         token = bearer_token(request.getHeader(b"authorization"))
         if self.keys.requires_client_key and not self.keys.accepts(token):
+            if record is not None:
+                record.rejected = "auth"
             raise errors.invalid_api_key()
         if self.limiter is None:
             return
@@ -161,11 +179,15 @@ class GatewayResource(Resource):
             client = self.keys.client_identity(token)
         else:
             client = self.clients.client_key(peer_host(request), request.requestHeaders)
+        if record is not None:
+            record.client = client
         decision: Decision = await self.limiter.admit(client)
         for name, value in rate_limit_headers(decision):
             request.setHeader(name, value)
         if not decision.allowed:
             self.counters.refused += 1
+            if record is not None:
+                record.rejected = "rate_limit"
             raise errors.rate_limited(decision.limit, decision.window, decision.reset)
 
     def _authorization(self, request: Request) -> bytes | None:
@@ -181,10 +203,13 @@ class GatewayResource(Resource):
         body: bytes | None,
         deadline: float,
         origin: bytes | None = None,
+        request_id: str | None = None,
     ) -> IResponse:
         if request._disconnected:
             raise CancelledError()
-        d = self.upstream.send(method, path, body, self._authorization(request), deadline, origin)
+        d = self.upstream.send(
+            method, path, body, self._authorization(request), deadline, origin, request_id
+        )
         _on_disconnect(request, d.cancel)
         return await d
 
@@ -204,9 +229,14 @@ class GatewayResource(Resource):
         Any other answer, error or not, is the reply.  Every attempt shares
         the request's C{--timeout}, counted from C{started}.
 
+        Each try is an L{Attempt} in the request's record, and goes out with
+        an C{X-Request-Id} of its own (L{attempt_request_id}).
+
         @return: the reply whose headers arrived, and the lease that counts it
             in flight on its replica until the caller releases it.
         """
+        record = _record(request)
+        attempts = [] if record is None else record.attempts
         tried: list[Replica] = []
         while True:
             replica = self.router.choose(model, tried)
@@ -215,22 +245,37 @@ class GatewayResource(Resource):
             lease = self.router.lease(replica)
             last_try = len(tried) > self.config.retries or len(tried) == len(self.router.replicas)
             deadline = self._time_left(started)
+            attempt = Attempt(replica.name)
+            attempts.append(attempt)
+            request_id = (
+                None if record is None else attempt_request_id(record.request_id, len(tried))
+            )
             try:
-                response = await self._send(request, method, path, body, deadline, replica.origin)
+                response = await self._send(
+                    request, method, path, body, deadline, replica.origin, request_id
+                )
             except ReplicaUnreachable as e:
+                attempt.outcome = "unreachable"
                 lease.release(failed=True)
                 self.router.eject(replica, e.error.message)
                 if last_try:
                     raise e.error from None
+                if record is not None:
+                    record.retry_reasons.append("unreachable")
                 continue
-            except ApiError:
+            except ApiError as e:
+                attempt.outcome = _outcome(e)
                 lease.release(failed=True)
                 raise
-            except BaseException:
+            except BaseException as e:
+                attempt.outcome = _outcome(e)
                 lease.release()  # cancelled: the client went away
                 raise
             if response.code == 503 and not last_try:
                 log.info("{replica} answered 503; trying another", replica=replica.name)
+                attempt.outcome = "unavailable"
+                if record is not None:
+                    record.retry_reasons.append("unavailable")
                 response.deliverBody(_Discard())
                 lease.release(failed=True)
                 continue
@@ -239,7 +284,10 @@ class GatewayResource(Resource):
     async def _relay_json(self, request: Request, response: IResponse, deadline: float) -> None:
         d = self.upstream.read_json(response, deadline)
         _on_disconnect(request, d.cancel)
-        status, body, _ = await d
+        status, body, document = await d
+        record = _record(request)
+        if record is not None and isinstance(document, dict):
+            record.take_usage(document.get("usage"))
         self.request_log.reply(request, status, body)
         _respond_json(request, status, body)
 
@@ -261,9 +309,17 @@ class GatewayResource(Resource):
                 allowed_fields=self.config.allowed_fields,
             )
         except ApiError:
+            record = _record(request)
+            if record is not None and record.rejected is None:
+                # Unless the admission refused it already: its verdict comes first.
+                record.rejected = "validation"
             await admission
             raise
         await admission
+        record = _record(request)
+        if record is not None:
+            record.model = chat.model
+            record.stream = chat.stream
         self.request_log.request(request, chat.body)
         started = self.clock.seconds()
         response, lease = await self._forward(
@@ -275,8 +331,14 @@ class GatewayResource(Resource):
                 await self._relay_stream(request, response)
             else:
                 await self._relay_json(request, response, self._time_left(started))
-        except ApiError:
+        except ApiError as e:
+            if record is not None:
+                record.attempts[-1].outcome = _outcome(e)
             lease.release(failed=True)
+            raise
+        except CancelledError:
+            if record is not None:
+                record.attempts[-1].outcome = "cancelled"
             raise
         finally:
             lease.release()
@@ -288,7 +350,10 @@ class GatewayResource(Resource):
         on_chunk = None
         if self.request_log.verbose:
             on_chunk = lambda chunk: self.request_log.reply(request, 200, chunk)  # noqa: E731
-        relay = EventStreamRelay(request, self.clock, self.config.stream_idle_timeout, on_chunk)
+        record = _record(request)
+        relay = EventStreamRelay(
+            request, self.clock, self.config.stream_idle_timeout, on_chunk, record
+        )
         response.deliverBody(relay)
         _on_disconnect(request, relay.stop)
         await relay.done
@@ -317,8 +382,12 @@ class GatewayResource(Resource):
             self._replicas_ready(request)
             return
         deadline = min(self.config.timeout, _READYZ_DEADLINE)
+        record = _record(request)
+        request_id = None if record is None else record.request_id
         try:
-            response = await self._send(request, b"GET", b"/v1/models", None, deadline)
+            response = await self._send(
+                request, b"GET", b"/v1/models", None, deadline, None, request_id
+            )
             status, _, _ = await self.upstream.read_json(response, deadline)
         except ReplicaUnreachable as e:
             raise errors.not_ready(e.error.message) from None

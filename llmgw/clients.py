@@ -75,6 +75,13 @@ class ClientAddressPolicy:
         client = clients.pop() if len(clients) == 1 else peer
         return _address_key(client, self.ipv6_prefix)
 
+    def trusts_peer(self, peer_host: str) -> bool:
+        """Whether C{peer_host} is a C{--trusted-proxy}, whose headers are believed."""
+        if not self.trusted_proxies:
+            return False
+        peer = _parse_address(peer_host)
+        return peer is not None and self._trusts(peer)
+
     def _peer_key(self, peer_host: str) -> str:
         if ":" not in peer_host:
             # A transport reports IPv4 peers in canonical dotted form already.

@@ -36,6 +36,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from llmgw.health import HealthChecker, Models, encode_models, state_name
+from llmgw.logs import AccessLogFile
 from llmgw.options import Config
 from llmgw.ratelimit import SlidingWindowLimiter
 from llmgw.routing import COUNTS
@@ -124,6 +125,40 @@ class ReplicaState(amp.Command):
     response: ClassVar = []
 
 
+class AccessLogLines(amp.Command):
+    """
+    Worker → parent: C{--access-log} lines (each ending with a newline) for
+    the parent to append to the one file.  Unanswered: a worker sends a
+    batch per reactor turn and has nothing to do with a reply.
+    """
+
+    arguments: ClassVar = [(b"lines", amp.Unicode())]
+    response: ClassVar = []
+    requiresAnswer = False
+
+
+#: The most text one L{AccessLogLines} carries: an AMP value holds at most
+#: 65,535 bytes, and the lines are ASCII (JSON escapes the rest).
+ACCESS_LOG_CHUNK = 60_000
+
+
+def access_log_chunks(lines: str) -> list[str]:
+    """Split a batch of lines, at line ends, into pieces that fit one L{AccessLogLines}."""
+    if len(lines) <= ACCESS_LOG_CHUNK:
+        return [lines]
+    chunks = []
+    start = 0
+    while start < len(lines):
+        end = lines.rfind("\n", start, start + ACCESS_LOG_CHUNK) + 1
+        if end <= start:  # one line longer than a chunk: its own piece, cut short
+            end = lines.find("\n", start) + 1 or len(lines)
+            chunks.append(lines[start : start + ACCESS_LOG_CHUNK - 1] + "\n")
+        else:
+            chunks.append(lines[start:end])
+        start = end
+    return chunks
+
+
 class SetVerbose(amp.Command):
     """Parent → worker: the console's C{verbose on|off}."""
 
@@ -204,7 +239,13 @@ class QuietAMP(amp.AMP):
 
 
 class ParentSide(QuietAMP):
-    """What the parent answers a worker: admission, from the one shared limiter."""
+    """
+    What the parent answers a worker: admission, from the one shared limiter.
+
+    @ivar access_log: the C{--access-log} file the worker's lines go to, if any.
+    """
+
+    access_log: AccessLogFile | None = None
 
     def __init__(self, limiter: SlidingWindowLimiter | None) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
@@ -228,6 +269,12 @@ class ParentSide(QuietAMP):
             answer["admitted_at"] = self.limiter.newest(key)
         return answer
 
+    @AccessLogLines.responder
+    def access_log_lines(self, lines: str) -> dict[str, Any]:
+        if self.access_log is not None:
+            self.access_log.write(lines)
+        return {}
+
     @RecordAdmission.responder
     def record_admission(self, key: str, at: float) -> dict[str, Any]:
         if self.limiter is not None:
@@ -248,6 +295,7 @@ class WorkerProcess(ProcessProtocol):
         self.supervisor = supervisor
         self.number = number
         self.amp = ParentSide(supervisor.limiter)
+        self.amp.access_log = supervisor.access_log
         self.started = supervisor.reactor.seconds()
         self.ended: Deferred[None] = Deferred()
         self._log_buffer = b""
@@ -299,6 +347,8 @@ class Supervisor(Service):
     The parent process: binds once, keeps C{workers} workers alive, drains on stop.
 
     @ivar limiter: the gateway-wide limiter every worker consults, or L{None}.
+    @ivar access_log: the C{--access-log} file every worker's lines go to
+        (opened before this service starts), or L{None}.
     """
 
     def __init__(self, config: Config, reactor: Any, colour: bool) -> None:
@@ -312,6 +362,7 @@ class Supervisor(Service):
         )
         self.workers: dict[int, WorkerProcess] = {}
         self.health: HealthChecker | None = None
+        self.access_log: AccessLogFile | None = None
         self.socket: socket.socket | None = None
         self._backoff: dict[int, float] = {}
         self._restarts: dict[int, IDelayedCall] = {}
@@ -328,8 +379,10 @@ class Supervisor(Service):
             self.spawn(number)
 
     def _forward_hangup(self, signum: int, frame: object) -> None:
-        """SIGHUP reloads key files: every worker reads its own."""
+        """SIGHUP reloads key files (every worker reads its own) and reopens the access log."""
         self.reactor.callFromThread(self._signal_all, "HUP")
+        if self.access_log is not None:
+            self.reactor.callFromThread(self.access_log.reopen)
 
     def _signal_all(self, name: str) -> None:
         for worker in list(self.workers.values()):

@@ -253,6 +253,13 @@ class MockModel:
         self.aborted = 0
         self.last_authorization: bytes | None = None
         """The C{Authorization} header of the latest chat request, so tests can see keys."""
+        self.request_ids: list[bytes | None] = []
+        """The C{X-Request-Id} of every chat request, in order, so tests can see ids."""
+
+    @property
+    def last_request_id(self) -> bytes | None:
+        """The C{X-Request-Id} of the latest chat request."""
+        return self.request_ids[-1] if self.request_ids else None
 
     @property
     def active(self) -> int:
@@ -472,6 +479,7 @@ class ChatCompletions(_JsonResource):
 
     def render_POST(self, request: Request) -> bytes | int:
         self._model.last_authorization = request.getHeader(b"authorization")
+        self._model.request_ids.append(request.getHeader(b"x-request-id"))
         try:
             body = b"" if request.content is None else request.content.read()
             completion = read_completion(body, self._model.defaults, self._model.served_model)

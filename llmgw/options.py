@@ -62,6 +62,8 @@ class Config:
     health_interval: float = 5.0
     fail_timeout: float = 10.0
     retries: int = 2
+    access_log: str | None = None
+    """C{--access-log}: the file of JSON access lines, or L{None} for none."""
 
     @property
     def upstream_base(self) -> bytes:
@@ -266,6 +268,12 @@ class Options(usage.Options):
             None,
             "File of client API keys, one a line; when set, every /v1 request needs one.",
         ],
+        [
+            "access-log",
+            None,
+            None,
+            "Append one JSON line per request to this file (reopened on SIGHUP).",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -396,6 +404,14 @@ class Options(usage.Options):
             KeyRing(self["aikey-file"], self["api-keys-file"])
         except (OSError, ValueError) as e:
             raise usage.UsageError(f"key file: {e}") from None
+        access_log = self["access-log"]
+        if access_log is not None:
+            directory = os.path.dirname(os.path.abspath(access_log))
+            if not access_log or os.path.isdir(access_log) or not os.path.isdir(directory):
+                raise usage.UsageError(
+                    f"--access-log {access_log!r}: give a file in a directory that exists"
+                )
+            access_log = os.path.abspath(access_log)
         aihost = self["aihost"].strip()
         if aihost.startswith("[") and aihost.endswith("]"):
             aihost = aihost[1:-1]
@@ -434,4 +450,5 @@ class Options(usage.Options):
             health_interval=self["health-interval"],
             fail_timeout=self["fail-timeout"],
             retries=self["retries"],
+            access_log=access_log,
         )

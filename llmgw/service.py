@@ -28,7 +28,7 @@ from llmgw.api import GatewayResource
 from llmgw.console import ConsoleCommands, console_service, prompt_safe_stdout
 from llmgw.health import HealthChecker, OnChange, state_name
 from llmgw.keys import KeyRing
-from llmgw.logs import RequestLog, use_colour
+from llmgw.logs import AccessLogFile, BatchedAccessLines, RequestLog, use_colour
 from llmgw.options import Config, Options
 from llmgw.ratelimit import ILimiter, SlidingWindowLimiter
 
@@ -66,6 +66,7 @@ def build_site(
         # The access line stays whatever the console switches verbose to;
         # the verbose view comes on top of it.
         access_log=request_log.access,
+        clients=resource.clients,
     )
 
 
@@ -157,11 +158,14 @@ class GatewayService(MultiService):
 
 
 class KeyReloadService(Service):
-    """Reload key files on SIGHUP, without touching a connection."""
+    """Reload key files on SIGHUP, without touching a connection; reopen the access log."""
 
-    def __init__(self, keys: KeyRing, reactor: Any) -> None:
+    def __init__(
+        self, keys: KeyRing, reactor: Any, access_log: AccessLogFile | None = None
+    ) -> None:
         self.keys = keys
         self.reactor = reactor
+        self.access_log = access_log
         self._previous: Any = None
 
     def startService(self) -> None:
@@ -170,11 +174,43 @@ class KeyReloadService(Service):
 
     def _hangup(self, signum: int, frame: object) -> None:
         self.reactor.callFromThread(self.keys.reload)
+        if self.access_log is not None:
+            self.reactor.callFromThread(self.access_log.reopen)
 
     def stopService(self) -> Any:
         if self._previous is not None:
             signal.signal(signal.SIGHUP, self._previous)
         return super().stopService()  # type: ignore[no-untyped-call]
+
+
+class AccessLogService(Service):
+    """
+    Open the C{--access-log} file as the gateway starts (after twistd's
+    C{--uid} has taken effect, so that a reopen can do what the first open
+    did), or end start-up with one line that says why it cannot be.
+
+    It is never closed early: lines keep coming until the last request has
+    drained, and every batch is flushed as it is written.  In a lone process,
+    the batch of the last turn is written once the reactor has stopped.
+
+    @ivar lines: this process's batches of lines, if it serves by itself.
+    """
+
+    def __init__(
+        self, access_log: AccessLogFile, reactor: Any, lines: BatchedAccessLines | None = None
+    ) -> None:
+        self.access_log = access_log
+        self.reactor = reactor
+        self.lines = lines
+
+    def startService(self) -> None:
+        try:
+            self.access_log.open()
+        except OSError as e:
+            refuse_to_start(f"--access-log {self.access_log.path}: {e.strerror}")
+        super().startService()  # type: ignore[no-untyped-call]
+        if self.lines is not None:
+            self.reactor.addSystemEventTrigger("after", "shutdown", self.lines.flush)
 
 
 class DrainService(Service):
@@ -317,10 +353,18 @@ def make_service(
     )
     # Fail now, with a usage-style message, rather than in every worker.
     keys = KeyRing(config.aikey_file, config.api_keys_file)
+    access_log = None if config.access_log is None else AccessLogFile(config.access_log)
+    access_lines = None
+    if access_log is not None:
+        if config.workers == 1:
+            access_lines = BatchedAccessLines(reactor, access_log.write)
+        opener = AccessLogService(access_log, reactor, access_lines)
+        opener.setServiceParent(top)  # type: ignore[no-untyped-call]
     if config.workers > 1:
         from llmgw.cluster import Supervisor
 
         supervisor = Supervisor(config, reactor, colour=use_colour())
+        supervisor.access_log = access_log
         _ClusterExit(reactor).setServiceParent(top)  # type: ignore[no-untyped-call]
         supervisor.setServiceParent(top)  # type: ignore[no-untyped-call]
         supervisor.health = health_checker(config, keys, reactor, supervisor.replica_state_changed)
@@ -330,9 +374,11 @@ def make_service(
             SweepService(supervisor.limiter, reactor).setServiceParent(top)  # type: ignore[no-untyped-call]
         commands: ConsoleCommands = ClusterCommands(supervisor, reactor)
     else:
-        KeyReloadService(keys, reactor).setServiceParent(top)  # type: ignore[no-untyped-call]
+        KeyReloadService(keys, reactor, access_log).setServiceParent(top)  # type: ignore[no-untyped-call]
         limiter = local_limiter(config, reactor)
         site = build_site(config, reactor, limiter, keys)
+        if access_lines is not None:
+            site.record_observers.append(access_lines.add_record)
         resource = cast(GatewayResource, site.resource)
         health = health_checker(config, keys, reactor, resource.router.set_health)
         if health is not None:

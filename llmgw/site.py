@@ -18,6 +18,7 @@ connection level, before any resource runs:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from http import HTTPStatus
 from io import BytesIO
 from typing import Any, cast
@@ -30,8 +31,10 @@ from twisted.web import http, server
 from twisted.web.resource import IResource
 
 from llmgw import errors
+from llmgw.clients import ClientAddressPolicy
 from llmgw.errors import ApiError, body_too_large, invalid
 from llmgw.headers import HARDENING_HEADERS, secure
+from llmgw.record import RequestIds, RequestRecord, route_label
 
 log = Logger()
 
@@ -62,6 +65,12 @@ REASONS: dict[int, bytes] = {
     504: b"Gateway Timeout",
 }
 
+#: Why a request the channel answered itself was refused, by the status it got.
+_REFUSALS = {413: "too_large", 408: "read_timeout", 400: "validation"}
+
+#: The most of a C{User-Agent} a record keeps.
+_USER_AGENT_CHARS = 256
+
 #: Headers L{raw_response} writes itself; an error's own copy would be sent twice.
 _FRAMING_HEADERS = frozenset({b"connection", b"content-length", b"content-type"})
 
@@ -82,7 +91,7 @@ def reason_phrase(status: int) -> bytes:
         return http.RESPONSES.get(status, b"Unknown Status")
 
 
-def raw_response(error: ApiError) -> bytes:
+def raw_response(error: ApiError, request_id: str | None = None) -> bytes:
     """
     A complete HTTP/1.1 response for an error found before any resource ran.
 
@@ -99,6 +108,8 @@ def raw_response(error: ApiError) -> bytes:
     ]
     extra = [(name, value) for name, value in error.headers if name.lower() not in _FRAMING_HEADERS]
     lines += [name + b": " + value for name, value in HARDENING_HEADERS + tuple(extra)]
+    if request_id is not None:
+        lines.append(b"X-Request-Id: " + request_id.encode("ascii"))
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
@@ -117,9 +128,15 @@ def render_error(request: server.Request, error: ApiError) -> None:
 
 
 class GatewayRequest(server.Request):
-    """A request whose body is bounded and whose responses are always hardened."""
+    """
+    A request whose body is bounded and whose responses are always hardened.
+
+    @ivar record: what happened to it, from the moment its headers were read
+        (or it was refused) until it ends, when the site hands it on.
+    """
 
     _received = 0
+    record: RequestRecord | None = None
 
     #: What the access line shows for a request refused before its request
     #: line could be read (Twisted would show C{(no method yet)}).
@@ -152,6 +169,20 @@ class GatewayRequest(server.Request):
         """A bug, not bad input: log the traceback, never send it."""
         log.failure("Unhandled error serving {path}", reason, path=self.path)
         render_error(self, errors.internal())
+
+    def connectionLost(self, reason: Failure) -> None:
+        """
+        The client went away before its response was finished: Twisted logs
+        nothing then, but the request still ends here, and its record with it.
+        A client that got nothing at all is recorded with nginx's 499.
+        """
+        channel = cast(GatewayChannel, self.channel)
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]
+        record = self.record
+        if record is not None and record.finished is None:
+            if not self.startedWriting:
+                self.code = 499
+            channel.site.finish_record(self, record)
 
 
 class GatewayChannel(http.HTTPChannel):
@@ -202,6 +233,7 @@ class GatewayChannel(http.HTTPChannel):
             request.method, request.uri = self._command, self._path
 
     def allHeadersReceived(self) -> None:
+        self.site.open_record(self.requests[-1], self._peer_host(), self._request_began)
         if self.length is not None and self.length > self.site.max_body:
             self.refuse(body_too_large(self.site.max_body))
             return
@@ -267,8 +299,15 @@ class GatewayChannel(http.HTTPChannel):
         self._cancel_read_deadline()
         self.setTimeout(None)  # type: ignore[no-untyped-call]
         transport = self._transport
-        transport.write(raw_response(error))
-        self._log_refused(error)
+        request = cast(
+            GatewayRequest, self.requests[-1] if self.requests else self.requestFactory(self)
+        )
+        record = request.record
+        if record is None:
+            record = self.site.open_record(request, self._peer_host(), self._request_began)
+        record.rejected = _REFUSALS.get(error.status)
+        transport.write(raw_response(error, record.request_id))
+        self._log_refused(request, error)
         loseWrite = getattr(transport, "loseWriteConnection", None)
         if loseWrite is None:
             transport.loseConnection()
@@ -278,19 +317,22 @@ class GatewayChannel(http.HTTPChannel):
             LINGER_SECONDS, transport.abortConnection
         )
 
-    def _log_refused(self, error: ApiError) -> None:
+    def _log_refused(self, request: GatewayRequest, error: ApiError) -> None:
         """
         Give the request that L{refuse} answered its access line.
 
         It is the request being read, if its first line arrived (Twisted makes
         the request object there), or else a blank one for the connection.
         """
-        request: http.Request = self.requests[-1] if self.requests else self.requestFactory(self)
         request.setResponseCode(error.status)
         request.sentLength = len(error.body())
         if getattr(request, "started", None) is None:
             request.started = self._request_began  # type: ignore[attr-defined]
         self.site.log(request)
+
+    def _peer_host(self) -> str:
+        address = self._transport.getPeer()
+        return str(getattr(address, "host", address))
 
     @property
     def _transport(self) -> Any:
@@ -319,6 +361,11 @@ class GatewaySite(server.Site):
 
     @ivar max_body: largest request body, in bytes.
     @ivar read_timeout: seconds a client has to deliver a whole request.
+    @ivar clients: who a client is, and which peers are trusted proxies
+        (whose C{X-Request-Id} is kept).
+    @ivar record_observers: called with each request's L{RequestRecord} once
+        it has ended (the metrics, the JSON access log).  They run on the hot
+        path: they must be quick and must not raise.
     """
 
     requestFactory = GatewayRequest
@@ -333,6 +380,7 @@ class GatewaySite(server.Site):
         max_body: int,
         read_timeout: float,
         access_log: Any = None,
+        clients: ClientAddressPolicy | None = None,
     ) -> None:
         super().__init__(  # type: ignore[no-untyped-call]
             resource, timeout=IDLE_SECONDS, reactor=clock
@@ -345,6 +393,9 @@ class GatewaySite(server.Site):
         self.max_body = max_body
         self.read_timeout = read_timeout
         self._access_log = access_log
+        self.clients = ClientAddressPolicy() if clients is None else clients
+        self.request_ids = RequestIds()
+        self.record_observers: list[Callable[[RequestRecord], None]] = []
         self.channels: set[GatewayChannel] = set()
         self._drained: Deferred[None] | None = None
         self._drain_deadline: IDelayedCall | None = None
@@ -384,6 +435,42 @@ class GatewaySite(server.Site):
         for channel in list(self.channels):
             channel._transport.abortConnection()
 
+    def open_record(
+        self, request: GatewayRequest, peer_host: str, began: float | None
+    ) -> RequestRecord:
+        """
+        Start the record of C{request}, whose headers are in (or as many of
+        them as arrived before it was refused), and give its response the id.
+        """
+        headers = request.requestHeaders
+        incoming = headers.getRawHeaders(b"x-request-id")
+        request_id = self.request_ids.choose(
+            None if incoming is None else incoming[-1], self.clients.trusts_peer(peer_host)
+        )
+        agent = headers.getRawHeaders(b"user-agent")
+        record = RequestRecord(
+            request_id=request_id,
+            started=self.clock.seconds() if began is None else began,
+            client=self.clients.client_key(peer_host, headers),
+            method=request.method.decode("ascii", "replace"),
+            route=route_label(request.uri.split(b"?", 1)[0]),
+            user_agent=None if agent is None else agent[-1][:_USER_AGENT_CHARS].decode("latin-1"),
+        )
+        request.record = record
+        request.responseHeaders.setRawHeaders(b"X-Request-Id", [request_id.encode("ascii")])
+        return record
+
+    def finish_record(self, request: http.Request, record: RequestRecord) -> None:
+        """The request has ended: complete its record and hand it to every observer."""
+        record.status = request.code
+        record.bytes_out = request.sentLength
+        record.finished = self.clock.seconds()
+        for observer in self.record_observers:
+            observer(record)
+
     def log(self, request: http.Request) -> None:
+        record: RequestRecord | None = getattr(request, "record", None)
+        if record is not None and record.finished is None:
+            self.finish_record(request, record)
         if self._access_log is not None:
             self._access_log(request)

@@ -48,6 +48,7 @@ from zope.interface import implementer
 from llmgw import errors
 from llmgw.errors import ApiError
 from llmgw.options import Config
+from llmgw.record import RequestRecord
 
 log = Logger()
 
@@ -270,6 +271,7 @@ class UpstreamClient:
         authorization: bytes | None,
         deadline: float,
         origin: bytes | None = None,
+        request_id: str | None = None,
     ) -> Deferred[IResponse]:
         """
         Start a request to C{origin} (by default the first model server); its
@@ -277,12 +279,19 @@ class UpstreamClient:
         with an L{ApiError}, or with L{ReplicaUnreachable} if the request could
         not be delivered at all.  Cancelling it (the client went away) closes
         the upstream connection, so the model stops generating.
+
+        @param request_id: sent as C{X-Request-Id}, which vLLM takes as its
+            own request id.  A request resent because its pooled connection
+            was stale (L{_ResendOnStaleConnection}) keeps it: that try never
+            reached the model.
         """
         headers = Headers({b"Accept": [b"application/json"]})
         if body is not None:
             headers.setRawHeaders(b"Content-Type", [b"application/json"])
         if authorization is not None:
             headers.setRawHeaders(b"Authorization", [authorization])
+        if request_id is not None:
+            headers.setRawHeaders(b"X-Request-Id", [request_id.encode("ascii")])
         producer = None if body is None else _BytesProducer(body)
         url = (self.base if origin is None else origin) + path
         d: Deferred[Any] = self.agent.request(method, url, headers, producer)
@@ -385,6 +394,17 @@ def _with_deadline(
     return d.addBoth(settle)
 
 
+#: How a stream that ended early ended its attempt at the model server.
+_STREAM_OUTCOMES = {
+    "client_gone": "cancelled",
+    "upstream_broke": "error",
+    "idle_timeout": "timeout",
+}
+
+#: The longest SSE event kept to be read for its C{usage} when it arrives in pieces.
+_LONGEST_USAGE_EVENT = 64 * 1024
+
+
 class EventStreamRelay(Protocol):
     """
     Relay a C{text/event-stream} body to the client as it arrives.
@@ -393,9 +413,17 @@ class EventStreamRelay(Protocol):
     reader pauses the upstream read and memory stays flat however long the
     stream runs.  Silence longer than C{idle_timeout}, or a broken upstream,
     ends the stream with a final C{data: {"error": ...}} event.
+
+    With a C{record}, it notes the time to the first event, the token counts
+    of a final chunk that carries C{usage} (C{stream_options.include_usage}),
+    and why the stream ended early, if it did (L{abort_cause}).
+
+    @ivar abort_cause: C{client_gone}, C{upstream_broke} or C{idle_timeout},
+        or L{None} while the stream runs or once it ended whole.
     """
 
     transport: Any
+    abort_cause: str | None = None
 
     def __init__(
         self,
@@ -403,14 +431,17 @@ class EventStreamRelay(Protocol):
         clock: IReactorTime,
         idle_timeout: float,
         on_chunk: Callable[[bytes], None] | None = None,
+        record: RequestRecord | None = None,
     ) -> None:
         self.request = request
         self.clock = clock
         self.idle_timeout = idle_timeout
         self.on_chunk = on_chunk
+        self.record = record
         self.done: Deferred[None] = Deferred()
         self._idle: IDelayedCall | None = None
         self._error: ApiError | None = None
+        self._partial_usage: bytes | None = None
 
     def connectionMade(self) -> None:
         self.request.registerProducer(self.transport, True)
@@ -422,15 +453,71 @@ class EventStreamRelay(Protocol):
         if self.on_chunk is not None:
             self.on_chunk(data)
         self.request.write(data)
+        record = self.record
+        if record is not None:
+            if record.ttft is None:
+                record.ttft = self.clock.seconds() - record.started
+            if self._partial_usage is not None or b'"usage"' in data:
+                self._read_usage(record, data)
+
+    def _read_usage(self, record: RequestRecord, data: bytes) -> None:
+        """
+        Take the token counts from an event whose C{usage} is an object.
+
+        Only chunks that name C{usage} are looked at (OpenAI names it in
+        every chunk, as C{null}), and only the event that holds it is parsed.
+        An event cut between two reads is kept until its end arrives.
+        """
+        if self._partial_usage is not None:
+            data = self._partial_usage + data
+            self._partial_usage = None
+        at = data.rfind(b'"usage"')
+        while at != -1:
+            value = data[at + 7 : at + 16].lstrip(b": \t")
+            if value[:1] == b"{" or (not value and len(data) - at < 16):
+                break
+            at = data.rfind(b'"usage"', 0, at)
+        if at == -1:
+            return
+        start = data.rfind(b"data:", 0, at)
+        end = data.find(b"\n", at)
+        if start == -1:
+            return
+        if end == -1:
+            if len(data) - start <= _LONGEST_USAGE_EVENT:
+                self._partial_usage = data[start:]
+            return
+        try:
+            event = json.loads(data[start + 5 : end])
+        except ValueError:
+            return
+        if isinstance(event, dict):
+            record.take_usage(event.get("usage"))
 
     def _went_quiet(self) -> None:
         self._idle = None
         self._error = errors.upstream_timeout(self.idle_timeout, "send the next chunk")
+        self._aborted("idle_timeout")
         self.transport.stopProducing()
 
     def stop(self) -> None:
         """The client went away: close the upstream connection."""
+        if not self.done.called and self.abort_cause is None:
+            self._aborted("client_gone")
         self.transport.stopProducing()
+
+    def _aborted(self, cause: str) -> None:
+        """
+        Note why the stream ends early, in the record too, at once: a client
+        that went away ends its request (and the record is read) before the
+        upstream connection has closed.
+        """
+        self.abort_cause = cause
+        record = self.record
+        if record is not None:
+            record.stream_abort = cause
+            if record.attempts:
+                record.attempts[-1].outcome = _STREAM_OUTCOMES[cause]
 
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
         if self._idle is not None and self._idle.active():
@@ -441,6 +528,7 @@ class EventStreamRelay(Protocol):
             request.unregisterProducer()
             if self._error is None and not reason.check(ResponseDone, PotentialDataLoss):
                 self._error = errors.upstream_bad_reply("the stream broke off")
+                self._aborted("upstream_broke")
                 if reason.check(ResponseFailed):
                     log.info("Upstream stream broke: {why}", why=reason.getErrorMessage())
             if self._error is not None:

@@ -22,6 +22,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.stdio import StandardIO
+from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, Logger, eventAsText, globalLogBeginner
 from twisted.protocols import amp
 from twisted.python.failure import Failure
@@ -29,6 +30,7 @@ from zope.interface import implementer
 
 from llmgw.api import GatewayResource
 from llmgw.cluster import (
+    AccessLogLines,
     Admit,
     AdmitExpired,
     QuietAMP,
@@ -37,10 +39,12 @@ from llmgw.cluster import (
     ReplicaState,
     SetVerbose,
     WorkerStats,
+    access_log_chunks,
     config_from_json,
 )
 from llmgw.health import decode_models
 from llmgw.keys import KeyRing
+from llmgw.logs import BatchedAccessLines
 from llmgw.options import Config
 from llmgw.ratelimit import Decision, ILimiter, SlidingWindowLimiter
 from llmgw.site import GatewaySite
@@ -281,6 +285,12 @@ class BatchedLines:
         self.stream.flush()
 
 
+def send_access_lines(parent: amp.AMP, lines: str) -> None:
+    """Hand a batch of C{--access-log} lines to the parent, which writes the one file."""
+    for chunk in access_log_chunks(lines):
+        parent.callRemote(AccessLogLines, lines=chunk)
+
+
 def _log_to_stderr(reactor: Any) -> BatchedLines:
     """Plain lines on stderr; the parent adds the time and the worker's number."""
     observer = BatchedLines(sys.stderr, reactor)
@@ -309,6 +319,10 @@ def serve(config: Config, colour: bool, reactor: Any) -> None:
         limiter = RemoteLimiter(parent, fallback, max(share, 1), reactor)
     site: GatewaySite = build_site(config, reactor, limiter, keys, colour=colour)
     parent.resource = site.resource
+    access_lines: BatchedAccessLines | None = None
+    if config.access_log is not None:
+        access_lines = BatchedAccessLines(reactor, lambda lines: send_access_lines(parent, lines))
+        site.record_observers.append(access_lines.add_record)
     family = socket.AF_INET6 if ":" in config.bindip else socket.AF_INET
     port = reactor.adoptStreamPort(LISTENING_FD, family, site)
     accept_a_few_at_a_time(port)
@@ -320,6 +334,10 @@ def serve(config: Config, colour: bool, reactor: Any) -> None:
     async def drain() -> None:
         await stop_accepting(port)
         await site.drain(config.grace)
+        if access_lines is not None:
+            access_lines.flush()
+            # A turn of the reactor, for the pipe to the parent to take them.
+            await deferLater(reactor, 0.01, lambda: None)
 
     reactor.addSystemEventTrigger("before", "shutdown", lambda: Deferred.fromCoroutine(drain()))
     StandardIO(parent, reactor=reactor)

@@ -40,6 +40,7 @@ from llmgw.mock import (
 )
 from llmgw.options import Config
 from llmgw.ratelimit import ILimiter
+from llmgw.record import RequestRecord
 from llmgw.site import GatewaySite
 from llmgw.upstream import UpstreamClient
 
@@ -138,9 +139,12 @@ def replicas_config(ca_file: str, ports: list[int], **overrides: Any) -> Config:
 
 @attrs.define
 class Gateway:
+    """A gateway on loopback, and the record of every request it finished, in order."""
+
     port: int
     resource: GatewayResource
     site: GatewaySite
+    records: list[RequestRecord] = attrs.Factory(list)
 
 
 def start_gateway(
@@ -159,11 +163,17 @@ def start_gateway(
         config, upstream, clock, RequestLog(clock, verbose=False, colour=False), limiter, keys
     )
     site = GatewaySite(
-        resource, reactor, max_body=config.max_body, read_timeout=config.read_timeout
+        resource,
+        reactor,
+        max_body=config.max_body,
+        read_timeout=config.read_timeout,
+        clients=resource.clients,
     )
     port: IListeningPort = reactor.listenTCP(0, site, interface="127.0.0.1")
     test.addCleanup(port.stopListening)
-    return Gateway(port_of(port), resource, site)
+    gateway = Gateway(port_of(port), resource, site)
+    site.record_observers.append(gateway.records.append)
+    return gateway
 
 
 def free_port() -> int:

@@ -633,3 +633,230 @@ class ReplicaTests(HeadersMixin, TestCase):
         sock.close()
         await eventually(lambda: slow.model.cancelled == 1)
         await eventually(lambda: gateway.resource.router.replicas[0].in_flight == 0)
+
+
+#: What a request id the gateway makes looks like: 12 hex digits, then a counter.
+MADE_ID = rb"\A[0-9a-f]{20}\Z"
+
+
+class RequestIdTests(HeadersMixin, TestCase):
+    """
+    Every response carries C{x-request-id}, and the model server gets the
+    same id as C{X-Request-Id}; an incoming one is kept only from a trusted
+    proxy, and only if it looks like an id.
+    """
+
+    def gateway(self, upstream: Upstream, trusted: bool = False, **overrides: Any) -> Gateway:
+        proxies = (ipaddress.ip_network("127.0.0.1/32"),) if trusted else ()
+        return start_gateway(self, gateway_config(upstream, trusted_proxies=proxies, **overrides))
+
+    async def chat(self, gateway: Gateway, incoming: bytes | None = None) -> Reply:
+        headers = dict(JSON_HEADERS)
+        if incoming is not None:
+            headers[b"X-Request-Id"] = [incoming]
+        return await request(self, gateway.port, body=chat_body(), headers=headers)
+
+    @inline
+    async def test_made_and_sent_upstream(self) -> None:
+        upstream = start_upstream(self)
+        gateway = self.gateway(upstream)
+        first = await self.chat(gateway)
+        second = await self.chat(gateway)
+        self.assertEqual((first.status, second.status), (200, 200))
+        ids = [first.header(b"x-request-id"), second.header(b"x-request-id")]
+        for made in ids:
+            assert made is not None
+            self.assertRegex(made, MADE_ID)
+        self.assertNotEqual(ids[0], ids[1])
+        self.assertEqual(upstream.model.request_ids, ids)
+        self.assertEqual([record.request_id.encode() for record in gateway.records], ids)
+
+    @inline
+    async def test_untrusted_peer_id_replaced(self) -> None:
+        upstream = start_upstream(self)
+        gateway = self.gateway(upstream)
+        reply = await self.chat(gateway, b"client-chosen-1")
+        made = reply.header(b"x-request-id")
+        assert made is not None
+        self.assertRegex(made, MADE_ID)
+        self.assertEqual(upstream.model.request_ids, [made])
+
+    @inline
+    async def test_trusted_proxy_id_kept(self) -> None:
+        upstream = start_upstream(self)
+        gateway = self.gateway(upstream, trusted=True)
+        incoming = b"edge:1701.A_b-" + b"9" * 114
+        self.assertEqual(len(incoming), 128)
+        reply = await self.chat(gateway, incoming)
+        self.assertEqual(reply.header(b"x-request-id"), incoming)
+        self.assertEqual(upstream.model.request_ids, [incoming])
+        self.assertEqual(gateway.records[0].request_id, incoming.decode())
+
+    @inline
+    async def test_trusted_proxy_malformed_id_replaced(self) -> None:
+        upstream = start_upstream(self)
+        gateway = self.gateway(upstream, trusted=True)
+        for incoming in (b"has space", b"semi;colon", b"x" * 129, b"caf\xc3\xa9", b""):
+            reply = await self.chat(gateway, incoming)
+            made = reply.header(b"x-request-id")
+            assert made is not None
+            self.assertRegex(made, MADE_ID)
+            self.assertEqual(upstream.model.last_request_id, made)
+
+    @inline
+    async def test_on_every_error(self) -> None:
+        """400, 401, 404, 413, 429 and 502, each with the id of its own record."""
+        upstream = start_upstream(self)
+        clock = Clock()
+        keyfile = self.mktemp()
+        with open(keyfile, "w") as f:
+            f.write("sk-client\n")
+        keys = KeyRing(None, keyfile)
+        gateway = start_gateway(
+            self,
+            gateway_config(upstream, max_body=300, rate_limit=2),
+            clock=clock,
+            limiter=SlidingWindowLimiter(2, 60, clock),
+            keys=keys,
+        )
+        auth = {**JSON_HEADERS, b"Authorization": [b"Bearer sk-client"]}
+        replies = [
+            await request(self, gateway.port, body=chat_body(temperature=3), headers=auth),
+            await request(self, gateway.port, body=chat_body()),
+            await request(self, gateway.port, "GET", b"/v1/nowhere"),
+            await request(self, gateway.port, body=chat_body("x" * 400), headers=auth),
+            await request(self, gateway.port, body=chat_body(), headers=auth),
+            await request(self, gateway.port, body=chat_body(), headers=auth),
+        ]
+        self.assertEqual([reply.status for reply in replies], [400, 401, 404, 413, 200, 429])
+        ids = [reply.header(b"x-request-id") for reply in replies]
+        self.assertEqual(len(set(ids)), len(ids))
+        self.assertEqual([record.request_id.encode() for record in gateway.records], ids)
+        self.assertEqual(
+            [record.rejected for record in gateway.records],
+            ["validation", "auth", None, "too_large", None, "rate_limit"],
+        )
+        self.assertEqual(
+            [record.status for record in gateway.records], [400, 401, 404, 413, 200, 429]
+        )
+        down = start_gateway(self, gateway_config(aihostport=free_port(), aischeme="http"))
+        reply = await request(self, down.port, body=chat_body())
+        self.assertError(reply, 502, "api_error", code="upstream_unreachable")
+        [record] = down.records
+        self.assertEqual(reply.header(b"x-request-id"), record.request_id.encode())
+        self.assertEqual([a.outcome for a in record.attempts], ["unreachable"])
+
+    @inline
+    async def test_refusal_reason_is_the_status_sent(self) -> None:
+        """An invalid body from a client without a key, or over its limit: auth, rate_limit."""
+        upstream = start_upstream(self)
+        clock = Clock()
+        keyfile = self.mktemp()
+        with open(keyfile, "w") as f:
+            f.write("sk-client\n")
+        gateway = start_gateway(
+            self,
+            gateway_config(upstream, rate_limit=1),
+            clock=clock,
+            limiter=SlidingWindowLimiter(1, 60, clock),
+            keys=KeyRing(None, keyfile),
+        )
+        auth = {**JSON_HEADERS, b"Authorization": [b"Bearer sk-client"]}
+        invalid = chat_body(temperature=3)
+        replies = [
+            await request(self, gateway.port, body=invalid),
+            await request(self, gateway.port, body=invalid, headers=auth),
+            await request(self, gateway.port, body=invalid, headers=auth),
+        ]
+        self.assertEqual([reply.status for reply in replies], [401, 400, 429])
+        self.assertEqual(
+            [record.rejected for record in gateway.records], ["auth", "validation", "rate_limit"]
+        )
+
+    @inline
+    async def test_unique_per_attempt(self) -> None:
+        """A refused replica and one that answers 503: three tries, three ids."""
+        ca = make_ca()
+        busy = start_upstream(self, ca=ca, defaults=Behaviour(fault="503"))
+        calm = start_upstream(self, ca=ca)
+        # The dead replica first, then the busy one, then the calm one.
+        ports = [free_port(), busy.port, calm.port]
+        config = replicas_config(busy.ca_file, ports, retries=2)
+        gateway = start_gateway(self, config)
+        router = gateway.resource.router
+        self.patch(router, "choose", lambda model, tried: router.replicas[len(tried)])
+        reply = await request(self, gateway.port, body=chat_body())
+        self.assertEqual(reply.status, 200)
+        made = reply.header(b"x-request-id")
+        assert made is not None
+        self.assertEqual(busy.model.request_ids, [made + b"-2"])
+        self.assertEqual(calm.model.request_ids, [made + b"-3"])
+        [record] = gateway.records
+        self.assertEqual(
+            [(a.upstream, a.outcome) for a in record.attempts],
+            [
+                (f"https://localhost:{ports[0]}", "unreachable"),
+                (f"https://localhost:{busy.port}", "unavailable"),
+                (f"https://localhost:{calm.port}", "ok"),
+            ],
+        )
+        self.assertEqual(record.retry_reasons, ["unreachable", "unavailable"])
+        self.assertEqual(record.upstream, f"https://localhost:{calm.port}")
+
+
+class RecordTests(TestCase):
+    """What the record of a request holds once it is finished."""
+
+    @inline
+    async def test_json_reply(self) -> None:
+        upstream = start_upstream(self)
+        gateway = start_gateway(self, gateway_config(upstream))
+        headers = {**JSON_HEADERS, b"User-Agent": [b"tester/1.0"]}
+        reply = await request(self, gateway.port, body=chat_body("one two three"), headers=headers)
+        self.assertEqual(reply.status, 200)
+        usage = reply.json()["usage"]
+        [record] = gateway.records
+        self.assertEqual(
+            (record.prompt_tokens, record.completion_tokens),
+            (usage["prompt_tokens"], usage["completion_tokens"]),
+        )
+        self.assertEqual(
+            (record.method, record.route, record.client, record.user_agent, record.model),
+            ("POST", "/v1/chat/completions", "127.0.0.1", "tester/1.0", DEFAULT_MODEL),
+        )
+        self.assertEqual((record.status, record.bytes_out), (200, len(reply.body)))
+        self.assertEqual((record.stream, record.ttft, record.stream_abort), (False, None, None))
+        self.assertEqual([a.outcome for a in record.attempts], ["ok"])
+        assert record.duration is not None
+        self.assertGreaterEqual(record.duration, 0)
+
+    @inline
+    async def test_stream_with_usage(self) -> None:
+        upstream = start_upstream(self, defaults=Behaviour(interval=0.01, chunks=3))
+        gateway = start_gateway(self, gateway_config(upstream))
+        body = chat_body("four words in it", stream=True, stream_options={"include_usage": True})
+        reply = await request(self, gateway.port, body=body)
+        self.assertEqual(reply.status, 200)
+        events = [json.loads(e[6:]) for e in reply.body.split(b"\n\n") if e[6:7] == b"{"]
+        usage = events[-1]["usage"]
+        [record] = gateway.records
+        self.assertEqual(
+            (record.prompt_tokens, record.completion_tokens),
+            (usage["prompt_tokens"], usage["completion_tokens"]),
+        )
+        self.assertEqual((record.prompt_tokens, record.completion_tokens), (4, 4))
+        self.assertTrue(record.stream)
+        assert record.ttft is not None and record.duration is not None
+        self.assertLess(record.ttft, record.duration)
+        self.assertEqual(record.stream_abort, None)
+        self.assertEqual(record.bytes_out, len(reply.body))
+
+    @inline
+    async def test_stream_without_usage(self) -> None:
+        upstream = start_upstream(self, defaults=Behaviour(interval=0))
+        gateway = start_gateway(self, gateway_config(upstream))
+        reply = await request(self, gateway.port, body=chat_body(stream=True))
+        self.assertEqual(reply.status, 200)
+        [record] = gateway.records
+        self.assertEqual((record.prompt_tokens, record.completion_tokens), (None, None))
+        self.assertIsNotNone(record.ttft)

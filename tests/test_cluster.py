@@ -6,6 +6,7 @@ model served by this test process, so the test can see what reached the model.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -22,7 +23,15 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from llmgw.cluster import AdmitExpired, ParentSide, config_from_json, config_to_json
+from llmgw.cluster import (
+    ACCESS_LOG_CHUNK,
+    AdmitExpired,
+    ParentSide,
+    access_log_chunks,
+    config_from_json,
+    config_to_json,
+)
+from llmgw.logs import AccessLogFile
 from llmgw.mock import Behaviour
 from llmgw.options import Config
 from llmgw.ratelimit import SlidingWindowLimiter
@@ -287,6 +296,99 @@ def child_pids(parent: int) -> list[int]:
             if int(fields[1]) == parent and fields[0] != "Z":
                 children.append(int(entry))
     return children
+
+
+def read_lines(path: str) -> list[dict[str, Any]]:
+    try:
+        with open(path) as f:
+            return [json.loads(line) for line in f]
+    except FileNotFoundError:
+        return []
+
+
+class AccessLogClusterTests(TestCase):
+    """Two real workers, one C{--access-log} file written by the parent, reopened on SIGHUP."""
+
+    timeout = 120
+
+    @inline
+    async def test_one_file_for_two_workers_reopened_on_hangup(self) -> None:
+        upstream = start_upstream(self)
+        path = os.path.abspath(self.mktemp())
+        process, port = start_gateway_process(self, upstream, "--access-log", path)
+        await serving(self, process, port)
+        await eventually(lambda: len(process.worker_pids()) == 2, timeout=30)
+        ids: list[bytes | None] = []
+
+        async def send(count: int) -> None:
+            for _ in range(count):
+                reply = await request(self, port, body=chat_body("one two"))
+                self.assertEqual(reply.status, 200)
+                ids.append(reply.header(b"x-request-id"))
+
+        await defer.gatherResults(
+            [Deferred.fromCoroutine(send(5)) for _ in range(8)], consumeErrors=True
+        )
+
+        # /healthz, asked while waiting for the gateway to serve, has lines too.
+        def chats() -> list[dict[str, Any]]:
+            return [e for e in read_lines(path) if e["route"] == "/v1/chat/completions"]
+
+        await eventually(lambda: len(chats()) == 40, timeout=10)
+        self.assertEqual(sorted(e["request_id"].encode() for e in chats()), sorted(ids))
+        self.assertGreater(process.served_by(1), 0, process.text())
+        self.assertGreater(process.served_by(2), 0, process.text())
+        for entry in chats():
+            self.assertEqual(
+                {key: entry[key] for key in ("method", "status", "client", "attempts")},
+                {"method": "POST", "status": 200, "client": "127.0.0.1", "attempts": 1},
+            )
+            self.assertEqual((entry["prompt_tokens"], entry["completion_tokens"]), (2, 2))
+        os.rename(path, path + ".1")
+        os.kill(process_pid(process), signal.SIGHUP)
+        # The reopen is asynchronous: until the new file exists, lines go to the old one.
+        await eventually(lambda: os.path.exists(path), timeout=10)
+        before = len(read_lines(path + ".1"))
+        ids.clear()
+        await send(3)
+        await eventually(lambda: len(read_lines(path)) == 3, timeout=10)
+        self.assertEqual([e["request_id"].encode() for e in read_lines(path)], ids)
+        self.assertEqual(len(read_lines(path + ".1")), before)
+
+
+class AccessLogChunkTests(SynchronousTestCase):
+    def test_small_batch_is_one_message(self) -> None:
+        self.assertEqual(access_log_chunks("a\nb\n"), ["a\nb\n"])
+
+    def test_large_batch_split_at_line_ends(self) -> None:
+        line = "x" * 999 + "\n"
+        batch = line * 150
+        chunks = access_log_chunks(batch)
+        self.assertEqual("".join(chunks), batch)
+        self.assertEqual([len(chunk) for chunk in chunks], [60_000, 60_000, 30_000])
+        for chunk in chunks:
+            self.assertLessEqual(len(chunk), ACCESS_LOG_CHUNK)
+            self.assertTrue(chunk.endswith("\n"))
+
+    def test_line_longer_than_a_message_is_cut(self) -> None:
+        chunks = access_log_chunks("a\n" + "y" * 70_000 + "\nb\n")
+        self.assertEqual(chunks, ["a\n", "y" * (ACCESS_LOG_CHUNK - 1) + "\n", "b\n"])
+
+
+class ParentAccessLogTests(SynchronousTestCase):
+    def test_lines_appended(self) -> None:
+        path = self.mktemp()
+        access_log = AccessLogFile(path)
+        access_log.open()
+        self.addCleanup(access_log.close)
+        parent = ParentSide(None)
+        parent.access_log = access_log
+        self.assertEqual(parent.access_log_lines(lines="{}\n{}\n"), {})
+        with open(path) as f:
+            self.assertEqual(f.read(), "{}\n{}\n")
+
+    def test_no_file(self) -> None:
+        self.assertEqual(ParentSide(None).access_log_lines(lines="{}\n"), {})
 
 
 class ConfigTransportTests(SynchronousTestCase):

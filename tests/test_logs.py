@@ -10,6 +10,7 @@ Site's own log hook when the request finishes, as in the gateway.
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import sys
@@ -25,8 +26,16 @@ from twisted.web.resource import Resource
 from zope.interface import implementer
 
 from llmgw.keys import KeyRing
-from llmgw.logs import RequestLog, use_colour
+from llmgw.logs import (
+    AccessLogFile,
+    BatchedAccessLines,
+    RequestLog,
+    access_log_line,
+    iso_utc,
+    use_colour,
+)
 from llmgw.options import Config
+from llmgw.record import Attempt, RequestIds, RequestRecord
 from llmgw.service import build_site
 
 SECRET = "sk-live-DoNotLog-7f3a9c"
@@ -344,6 +353,7 @@ class GatewayAccessLogTests(SynchronousTestCase):
         # Port 9 on loopback: never connected to, MemoryReactorClock connects nothing.
         config = Config(aihost="127.0.0.1", aihostport=9, aischeme="http", verbose=verbose)
         site = build_site(config, self.clock, None, KeyRing(None, None), colour=False)
+        site.request_ids = RequestIds("id")
         self.addCleanup(site.resource.upstream.pool.closeCachedConnections)
         return site
 
@@ -367,7 +377,10 @@ class GatewayAccessLogTests(SynchronousTestCase):
         self.get(site, b"/healthz")
         self.assertEqual(
             self.lines(),
-            ["127.0.0.1 GET /healthz 200 16 0.0ms", "127.0.0.1 GET /healthz 200 16 0.0ms"],
+            [
+                "127.0.0.1 GET /healthz 200 16 0.0ms id00000001",
+                "127.0.0.1 GET /healthz 200 16 0.0ms id00000002",
+            ],
         )
 
     def test_verbose_on_adds_to_the_access_line(self) -> None:
@@ -379,7 +392,8 @@ class GatewayAccessLogTests(SynchronousTestCase):
         replied, access = access_events(self.events)
         self.assertEqual(replied["status"], 503)
         self.assertEqual(
-            formatEvent(access), f"127.0.0.1 GET /readyz 503 {access['bytes']} 10000.0ms"
+            formatEvent(access),
+            f"127.0.0.1 GET /readyz 503 {access['bytes']} 10000.0ms id00000001",
         )
 
     def test_health_checks_logged_when_verbose(self) -> None:
@@ -390,6 +404,139 @@ class GatewayAccessLogTests(SynchronousTestCase):
         self.clock.advance(10)
         self.assertTrue(readyz.value().startswith(b"HTTP/1.1 503 Service Unavailable\r\n"))
         healthz, replied, access = self.lines()
-        self.assertEqual(healthz, "127.0.0.1 GET /healthz 200 16 0.0ms")
-        self.assertRegex(replied, r'^127\.0\.0\.1 503 \{"error": ')
-        self.assertRegex(access, r"^127\.0\.0\.1 GET /readyz 503 \d+ 10000\.0ms$")
+        self.assertEqual(healthz, "127.0.0.1 GET /healthz 200 16 0.0ms id00000001")
+        self.assertRegex(replied, r'^127\.0\.0\.1 id00000002 503 \{"error": ')
+        self.assertRegex(access, r"^127\.0\.0\.1 GET /readyz 503 \d+ 10000\.0ms id00000002$")
+
+
+def finished_record(**fields: Any) -> RequestRecord:
+    record = RequestRecord(
+        request_id="0123456789ab00000007",
+        started=1764648780.25,
+        client="203.0.113.9",
+        method="POST",
+        route="/v1/chat/completions",
+        user_agent="OpenAI/Python 1.40.0",
+    )
+    record.status = 200
+    record.finished = 1764648781.5
+    for name, value in fields.items():
+        setattr(record, name, value)
+    return record
+
+
+class AccessLogLineTests(SynchronousTestCase):
+    """C{--access-log}'s JSON lines: the same fields every time, no body, no key."""
+
+    def test_stream(self) -> None:
+        record = finished_record(
+            model="llama",
+            stream=True,
+            ttft=0.125,
+            prompt_tokens=12,
+            completion_tokens=7,
+            bytes_out=2048,
+            attempts=[Attempt("https://a:443", "unreachable"), Attempt("https://b:443")],
+            retry_reasons=["unreachable"],
+        )
+        line = access_log_line(record)
+        self.assertTrue(line.endswith("}\n"))
+        self.assertEqual(line.count("\n"), 1)
+        self.assertEqual(
+            json.loads(line),
+            {
+                "time": "2025-12-02T04:13:00.250Z",
+                "request_id": "0123456789ab00000007",
+                "client": "203.0.113.9",
+                "method": "POST",
+                "route": "/v1/chat/completions",
+                "status": 200,
+                "duration_ms": 1250.0,
+                "ttft_ms": 125.0,
+                "model": "llama",
+                "prompt_tokens": 12,
+                "completion_tokens": 7,
+                "upstream": "https://b:443",
+                "attempts": 2,
+                "bytes_out": 2048,
+                "user_agent": "OpenAI/Python 1.40.0",
+            },
+        )
+
+    def test_refused(self) -> None:
+        record = finished_record(status=413, rejected="too_large", user_agent=None)
+        entry = json.loads(access_log_line(record))
+        self.assertEqual(
+            {k: entry[k] for k in ("status", "ttft_ms", "model", "upstream", "attempts")},
+            {"status": 413, "ttft_ms": None, "model": None, "upstream": None, "attempts": 0},
+        )
+        self.assertIsNone(entry["user_agent"])
+
+    def test_iso_utc(self) -> None:
+        self.assertEqual(iso_utc(0), "1970-01-01T00:00:00.000Z")
+        self.assertEqual(iso_utc(86400.9999), "1970-01-02T00:00:00.999Z")
+
+
+class AccessLogFileTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.path = self.mktemp()
+        self.file = AccessLogFile(self.path)
+        self.file.open()
+        self.addCleanup(self.file.close)
+
+    def read(self, path: str) -> str:
+        with open(path) as f:
+            return f.read()
+
+    def test_appends_and_flushes(self) -> None:
+        with open(self.path, "w") as f:
+            f.write("old\n")
+        self.file.write("a\n")
+        self.assertEqual(self.read(self.path), "old\na\n")
+
+    def test_new_file_not_world_readable(self) -> None:
+        self.file.write("a\n")
+        self.assertEqual(os.stat(self.path).st_mode & 0o007, 0)
+
+    def test_reopen_after_rotation(self) -> None:
+        self.file.write("a\n")
+        os.rename(self.path, self.path + ".1")
+        self.file.write("b\n")
+        self.file.reopen()
+        self.file.write("c\n")
+        self.assertEqual(self.read(self.path + ".1"), "a\nb\n")
+        self.assertEqual(self.read(self.path), "c\n")
+
+    def test_reopen_failure_keeps_the_old_file(self) -> None:
+        events = EventList()
+        globalLogPublisher.addObserver(events)
+        self.addCleanup(globalLogPublisher.removeObserver, events)
+        self.file.path = os.path.join(self.mktemp(), "missing", "access.log")
+        self.file.reopen()
+        self.file.write("still\n")
+        self.assertEqual(self.read(self.path), "still\n")
+        [error] = [e for e in events if "reopen" in e.get("log_format", "")]
+        self.assertEqual(error["why"], "No such file or directory")
+
+    def test_open_failure_raises(self) -> None:
+        missing = AccessLogFile(os.path.join(self.mktemp(), "access.log"))
+        self.assertRaises(FileNotFoundError, missing.open)
+
+
+class BatchedAccessLinesTests(SynchronousTestCase):
+    def test_one_send_per_reactor_turn(self) -> None:
+        clock = MemoryReactorClock()
+        sent: list[str] = []
+        batch = BatchedAccessLines(clock, sent.append)
+        first, second = finished_record(), finished_record(request_id="other")
+        batch.add_record(first)
+        batch.add_record(second)
+        self.assertEqual(sent, [])
+        clock.advance(0)
+        self.assertEqual(sent, [access_log_line(first) + access_log_line(second)])
+        clock.advance(0)
+        batch.flush()
+        self.assertEqual(len(sent), 1)
+        batch.add_record(first)
+        clock.advance(0)
+        self.assertEqual(sent[1:], [access_log_line(first)])

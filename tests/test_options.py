@@ -608,3 +608,31 @@ class EmptyKeyFileTests(SynchronousTestCase):
         path = Path(self.mktemp())
         path.write_bytes(b"# no key here\n\n")
         self.assertRaises(usage.UsageError, Options().parseOptions, ["--aikey-file", str(path)])
+
+
+class AccessLogFlagTests(SynchronousTestCase):
+    """C{--access-log PATH}: off unless given; a file in a directory that exists."""
+
+    def test_off_by_default(self) -> None:
+        self.assertIsNone(parse().access_log)
+
+    def test_path_made_absolute(self) -> None:
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        path = str((directory / "access.log").absolute())
+        self.assertEqual(parse("--access-log", str(directory / "access.log")).access_log, path)
+        absolute = str(directory.absolute())
+        self.patch(os, "getcwd", lambda: absolute)
+        self.assertEqual(parse("--access-log=access.log").access_log, path)
+
+    def test_missing_directory_refused(self) -> None:
+        path = os.path.join(self.mktemp(), "access.log")
+        error = self.assertRaises(usage.UsageError, parse, "--access-log", path)
+        self.assertEqual(
+            str(error), f"--access-log {path!r}: give a file in a directory that exists"
+        )
+
+    def test_directory_refused(self) -> None:
+        directory = self.mktemp()
+        os.mkdir(directory)
+        self.assertRaises(usage.UsageError, parse, "--access-log", directory)

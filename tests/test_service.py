@@ -21,9 +21,11 @@ import llmgw
 from llmgw.cluster import Supervisor
 from llmgw.health import HealthChecker
 from llmgw.keys import KeyRing
+from llmgw.logs import AccessLogFile
 from llmgw.options import Config, Options
 from llmgw.ratelimit import SlidingWindowLimiter
 from llmgw.service import (
+    AccessLogService,
     DrainService,
     KeyReloadService,
     LocalCommands,
@@ -138,6 +140,70 @@ class LocalCommandsTests(SynchronousTestCase):
         self.assertTrue(commands.resource.request_log.verbose)
 
 
+class AccessLogWiringTests(SynchronousTestCase):
+    """C{--access-log}: opened first; written in process with one worker, else by the parent."""
+
+    def test_one_worker_writes_it(self) -> None:
+        path = self.mktemp()
+        clock = MemoryReactorClock()
+        top = make_service(Config(workers=1, access_log=path), clock, console=False)
+        services = list(top)
+        self.assertIsInstance(services[0], AccessLogService)
+        services[0].startService()
+        self.addCleanup(services[0].access_log.close)
+        server = services[-1]
+        assert isinstance(server, StreamServerEndpointService)
+        site = server.factory
+        assert isinstance(site, GatewaySite)
+        [reload] = [s for s in services if isinstance(s, KeyReloadService)]
+        self.assertIs(reload.access_log, services[0].access_log)
+        self.assertEqual(len(site.record_observers), 1)
+        from tests.test_logs import finished_record
+
+        site.record_observers[0](finished_record())
+        clock.advance(0)
+        self.assertEqual(Path(path).read_text().count('"request_id":"0123456789ab00000007"'), 1)
+
+    def test_last_lines_written_after_the_reactor_stops(self) -> None:
+        path = self.mktemp()
+        clock = MemoryReactorClock()
+        top = make_service(Config(workers=1, access_log=path), clock, console=False)
+        opener = next(iter(top))
+        assert isinstance(opener, AccessLogService) and opener.lines is not None
+        opener.startService()
+        self.addCleanup(opener.access_log.close)
+        from tests.test_logs import finished_record
+
+        opener.lines.add_record(finished_record())
+        self.assertEqual(Path(path).read_text(), "")
+        [flush] = clock.triggers["after"]["shutdown"]
+        flush[0]()
+        self.assertEqual(Path(path).read_text().count("\n"), 1)
+
+    def test_workers_send_theirs_to_the_parent(self) -> None:
+        path = self.mktemp()
+        top = make_service(Config(workers=2, access_log=path), MemoryReactorClock(), console=False)
+        (supervisor,) = [s for s in top if isinstance(s, Supervisor)]
+        (opener,) = [s for s in top if isinstance(s, AccessLogService)]
+        self.assertIs(supervisor.access_log, opener.access_log)
+        self.assertEqual(list(top).index(opener), 0)
+
+    def test_off(self) -> None:
+        top = make_service(Config(workers=1), MemoryReactorClock(), console=False)
+        self.assertNotIn(AccessLogService, [type(s) for s in top])
+
+    def test_cannot_open_ends_start_up(self) -> None:
+        devnull = open(os.devnull, "w")
+        self.addCleanup(devnull.close)
+        self.patch(sys, "__stderr__", devnull)
+        capture_events(self)
+        path = os.path.join(self.mktemp(), "access.log")
+        service = AccessLogService(AccessLogFile(path), MemoryReactorClock())
+        failure = self.assertRaises(StartupFailure, service.startService)
+        self.assertEqual(str(failure), f"--access-log {path}: No such file or directory")
+        self.assertFalse(service.running)
+
+
 class KeyReloadTests(TestCase):
     @inline
     async def test_sighup_reloads_keys(self) -> None:
@@ -152,6 +218,21 @@ class KeyReloadTests(TestCase):
         await eventually(lambda: keys.accepts(b"new-key"))
         self.assertFalse(keys.accepts(b"old-key"))
         self.flushLoggedErrors()
+
+    @inline
+    async def test_sighup_reopens_the_access_log(self) -> None:
+        path = self.mktemp()
+        access_log = AccessLogFile(path)
+        access_log.open()
+        self.addCleanup(access_log.close)
+        service = KeyReloadService(KeyRing(None, None), reactor, access_log)
+        service.startService()
+        self.addCleanup(service.stopService)
+        os.rename(path, path + ".1")
+        os.kill(os.getpid(), signal.SIGHUP)
+        await eventually(lambda: os.path.exists(path))
+        access_log.write("new\n")
+        self.assertEqual(Path(path).read_text(), "new\n")
 
 
 def cannot_listen(code: int, interface: str = "127.0.0.1", port: int = 42069) -> CannotListenError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import socket
 from typing import Any
@@ -18,9 +19,11 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from llmgw.api import GatewayResource
+from llmgw.clients import ClientAddressPolicy
 from llmgw.errors import ApiError, body_too_large, request_timeout
 from llmgw.headers import HARDENING_HEADERS
 from llmgw.logs import RequestLog
+from llmgw.record import RequestIds, RequestRecord
 from llmgw.site import (
     IDLE_SECONDS,
     LINGER_SECONDS,
@@ -101,6 +104,9 @@ class Connection:
             read_timeout=read_timeout,
             access_log=access_log,
         )
+        self.site.request_ids = RequestIds("id")
+        self.records: list[RequestRecord] = []
+        self.site.record_observers.append(self.records.append)
         peer = IPv4Address("TCP", "127.0.0.1", 5000)
         self.channel: Any = self.site.buildProtocol(peer)
         assert isinstance(self.channel, GatewayChannel)
@@ -155,6 +161,7 @@ class BodyLimitTests(SynchronousTestCase):
             b"Content-Length: %d" % (len(body_too_large(100).body()),),
             b"Connection: close",
         ] + [name + b": " + value for name, value in HARDENING_HEADERS]
+        expected.append(b"X-Request-Id: id00000001")
         self.assertEqual(head, b"\r\n".join(expected))
         self.assertEqual(head.lower().count(b"\r\nconnection:"), 1)
 
@@ -287,7 +294,8 @@ class RefusedAccessLineTests(SynchronousTestCase):
         c.send(post(101))
         size = len(body_too_large(100).body())
         self.assertEqual(
-            self.access_lines(), [f"127.0.0.1 POST /v1/chat/completions 413 {size} 0.0ms"]
+            self.access_lines(),
+            [f"127.0.0.1 POST /v1/chat/completions 413 {size} 0.0ms id00000001"],
         )
 
     def test_413_chunked(self) -> None:
@@ -298,7 +306,8 @@ class RefusedAccessLineTests(SynchronousTestCase):
         )
         size = len(body_too_large(100).body())
         self.assertEqual(
-            self.access_lines(), [f"127.0.0.1 POST /v1/chat/completions 413 {size} 0.0ms"]
+            self.access_lines(),
+            [f"127.0.0.1 POST /v1/chat/completions 413 {size} 0.0ms id00000001"],
         )
 
     def test_408_counts_from_the_connection(self) -> None:
@@ -309,7 +318,8 @@ class RefusedAccessLineTests(SynchronousTestCase):
         self.assertEqual(c.response()[0], 408)
         size = len(request_timeout(30).body())
         self.assertEqual(
-            self.access_lines(), [f"127.0.0.1 POST /v1/chat/completions 408 {size} 30000.0ms"]
+            self.access_lines(),
+            [f"127.0.0.1 POST /v1/chat/completions 408 {size} 30000.0ms id00000001"],
         )
 
     def test_408_before_the_request_line(self) -> None:
@@ -318,14 +328,14 @@ class RefusedAccessLineTests(SynchronousTestCase):
         c.clock.advance(30)
         self.assertEqual(c.response()[0], 408)
         size = len(request_timeout(30).body())
-        self.assertEqual(self.access_lines(), [f"127.0.0.1 - - 408 {size} 30000.0ms"])
+        self.assertEqual(self.access_lines(), [f"127.0.0.1 - - 408 {size} 30000.0ms id00000001"])
 
     def test_400_garbage_request_line(self) -> None:
         c = self.connect()
         c.send(b"\x00\x01\x02 nonsense\r\n\r\n")
         self.assertEqual(c.response()[0], 400)
         [line] = self.access_lines()
-        self.assertRegex(line, r"^127\.0\.0\.1 - - 400 \d+ 0\.0ms$")
+        self.assertRegex(line, r"^127\.0\.0\.1 - - 400 \d+ 0\.0ms id00000001$")
 
     def test_second_request_refused_is_itself(self) -> None:
         """On a keep-alive connection, a refused request is not logged as the one before."""
@@ -336,8 +346,8 @@ class RefusedAccessLineTests(SynchronousTestCase):
         self.assertEqual(
             self.access_lines(),
             [
-                "127.0.0.1 POST /v1/chat/completions 200 1 0.0ms",
-                f"127.0.0.1 POST /v1/other 413 {size} 0.0ms",
+                "127.0.0.1 POST /v1/chat/completions 200 1 0.0ms id00000001",
+                f"127.0.0.1 POST /v1/other 413 {size} 0.0ms id00000002",
             ],
         )
 
@@ -349,7 +359,9 @@ class RefusedAccessLineTests(SynchronousTestCase):
             post(2) + b"{}" + b"POST /v1/other HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\n"
         )
         size = len(body_too_large(10).body())
-        self.assertEqual(self.access_lines()[1], f"127.0.0.1 POST /v1/other 413 {size} 0.0ms")
+        self.assertEqual(
+            self.access_lines()[1], f"127.0.0.1 POST /v1/other 413 {size} 0.0ms id00000002"
+        )
 
     def test_silent_connection_has_no_access_line(self) -> None:
         """No request, no access line: the close is logged once, as a connection event."""
@@ -576,3 +588,77 @@ class SilentConnectionTests(TestCase):
         self.clock.advance(1)
         await eventually(lambda: read_available(sock, received))
         await eventually(lambda: not self.site.channels)
+
+
+class ConnectionRecordTests(SynchronousTestCase):
+    """Requests the channel answers itself have a record and an id, like the rest."""
+
+    def test_413(self) -> None:
+        c = Connection(max_body=100)
+        c.clock.advance(5)
+        c.send(post(101, b"User-Agent: curl/8\r\n"))
+        status, headers, _ = c.response()
+        self.assertEqual((status, headers[b"x-request-id"]), (413, b"id00000001"))
+        [record] = c.records
+        self.assertEqual(
+            (record.request_id, record.status, record.rejected, record.route, record.method),
+            ("id00000001", 413, "too_large", "/v1/chat/completions", "POST"),
+        )
+        self.assertEqual((record.client, record.user_agent), ("127.0.0.1", "curl/8"))
+        self.assertEqual((record.started, record.finished), (0.0, 5.0))
+        self.assertEqual(record.bytes_out, len(body_too_large(100).body()))
+
+    def test_408(self) -> None:
+        c = Connection(read_timeout=30)
+        c.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        c.clock.advance(30)
+        status, headers, _ = c.response()
+        self.assertEqual((status, headers[b"x-request-id"]), (408, b"id00000001"))
+        [record] = c.records
+        self.assertEqual((record.status, record.rejected), (408, "read_timeout"))
+        self.assertEqual(record.duration, 30.0)
+
+    def test_400(self) -> None:
+        c = Connection()
+        c.send(b"\x00\x01\x02 nonsense\r\n\r\n")
+        status, headers, _ = c.response()
+        self.assertEqual((status, headers[b"x-request-id"]), (400, b"id00000001"))
+        [record] = c.records
+        self.assertEqual(
+            (record.status, record.rejected, record.route), (400, "validation", "other")
+        )
+
+    def test_served(self) -> None:
+        c = Connection()
+        c.send(post(2) + b"{}")
+        status, headers, _ = c.response()
+        self.assertEqual((status, headers[b"x-request-id"]), (200, b"id00000001"))
+        [record] = c.records
+        self.assertEqual((record.status, record.rejected, record.bytes_out), (200, None, 1))
+
+    def test_trusted_proxy_id_at_the_connection_level(self) -> None:
+        c = Connection(max_body=100)
+        c.site.clients = ClientAddressPolicy((ipaddress.ip_network("127.0.0.1/32"),))
+        c.send(post(101, b"X-Request-Id: edge-42\r\nX-Forwarded-For: 198.51.100.7\r\n"))
+        self.assertEqual(c.response()[1][b"x-request-id"], b"edge-42")
+        self.assertEqual(c.records[0].client, "198.51.100.7")
+
+    def test_untrusted_peer_id_replaced(self) -> None:
+        c = Connection(max_body=100)
+        c.send(post(101, b"X-Request-Id: edge-42\r\n"))
+        self.assertEqual(c.response()[1][b"x-request-id"], b"id00000001")
+
+    def test_client_gone_before_a_reply(self) -> None:
+        """Twisted logs nothing for it; its record still ends, with nginx's 499."""
+        c = Connection(resource=Slow())
+        c.send(post(2) + b"{}")
+        c.clock.advance(3)
+        c.channel.connectionLost(Failure(ConnectionDone()))
+        [record] = c.records
+        self.assertEqual((record.status, record.bytes_out, record.duration), (499, 0, 3.0))
+
+    def test_observers_see_each_record_once(self) -> None:
+        c = Connection(max_body=100)
+        c.send(post(101))
+        c.channel.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(len(c.records), 1)

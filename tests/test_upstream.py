@@ -14,7 +14,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http_headers import Headers
 
 from llmgw.mock import Behaviour
-from llmgw.upstream import load_trust_root
+from llmgw.record import Attempt, RequestRecord
+from llmgw.upstream import EventStreamRelay, load_trust_root
 from tests.loopback import (
     CHAT,
     JSON_HEADERS,
@@ -459,3 +460,128 @@ class VLLMWebStackTests(TestCase):
         self.assertEqual({chunk["model"] for chunk in chunks}, {SERVED_MODEL})
 
     test_stream_at_the_keep_alive_edge.timeout = 30  # type: ignore[attr-defined]
+
+
+class StreamRecordTests(TestCase):
+    """Why a stream ended early, as its record says, and how its attempt ended."""
+
+    def assertAborted(self, record: RequestRecord, cause: str, outcome: str) -> None:
+        self.assertEqual(record.stream_abort, cause)
+        self.assertEqual([attempt.outcome for attempt in record.attempts], [outcome])
+
+    @inline
+    async def test_upstream_broke(self) -> None:
+        upstream = start_upstream(self, defaults=Behaviour(fault="reset", chunks=4, interval=0))
+        gateway = start_gateway(self, gateway_config(upstream))
+        _, events = await open_stream(self, gateway.port, chat_body(stream=True))
+        await events.done
+        await eventually(lambda: len(gateway.records) == 1)
+        [record] = gateway.records
+        self.assertEqual(record.status, 200)
+        self.assertAborted(record, "upstream_broke", "error")
+
+    @inline
+    async def test_idle_timeout(self) -> None:
+        clock = Clock()
+        upstream = start_upstream(self, defaults=Behaviour(chunks=3, interval=50))
+        gateway = start_gateway(self, gateway_config(upstream, stream_idle_timeout=10), clock=clock)
+        _, events = await open_stream(self, gateway.port, chat_body(stream=True))
+        await eventually(lambda: len(events.events) == 1)
+        clock.advance(10.1)
+        await events.done
+        await eventually(lambda: len(gateway.records) == 1)
+        self.assertAborted(gateway.records[0], "idle_timeout", "timeout")
+
+    @inline
+    async def test_client_gone_mid_stream(self) -> None:
+        upstream = start_upstream(self, defaults=Behaviour(chunks=50, interval=0.2))
+        gateway = start_gateway(self, gateway_config(upstream))
+        sock = raw_request(self, gateway.port, chat_body(stream=True))
+        received = bytearray()
+
+        def first_event() -> bool:
+            try:
+                received.extend(sock.recv(65536))
+            except BlockingIOError:
+                pass
+            return b"data: " in received
+
+        await eventually(first_event)
+        sock.close()
+        await eventually(lambda: len(gateway.records) == 1)
+        [record] = gateway.records
+        self.assertEqual(record.status, 200)
+        self.assertIsNotNone(record.ttft)
+        self.assertAborted(record, "client_gone", "cancelled")
+
+    @inline
+    async def test_client_gone_before_any_reply(self) -> None:
+        """Nothing was sent: the record says 499, as nginx does, and its attempt was cancelled."""
+        upstream = start_upstream(self, defaults=Behaviour(delay=30))
+        gateway = start_gateway(self, gateway_config(upstream))
+        sock = raw_request(self, gateway.port, chat_body())
+        await eventually(lambda: upstream.model.started == 1)
+        sock.close()
+        await eventually(lambda: len(gateway.records) == 1)
+        [record] = gateway.records
+        self.assertEqual((record.status, record.bytes_out, record.stream_abort), (499, 0, None))
+        self.assertEqual([attempt.outcome for attempt in record.attempts], ["cancelled"])
+
+
+class _Written:
+    """What a relay writes to its client: just enough of a request for L{EventStreamRelay}."""
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+
+class StreamUsageTests(SynchronousTestCase):
+    """The token counts of a stream's last chunk, however the chunks arrive."""
+
+    def relay(self) -> tuple[EventStreamRelay, RequestRecord]:
+        clock = Clock()
+        clock.advance(100)
+        record = RequestRecord("id", 99.5, "127.0.0.1", "POST", "/v1/chat/completions")
+        record.attempts.append(Attempt("https://localhost:1"))
+        relay = EventStreamRelay(_Written(), clock, 10, record=record)  # type: ignore[arg-type]
+        return relay, record
+
+    USAGE = (
+        b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":12,"total_tokens":19,'
+        b'"completion_tokens":7}}\n\n'
+    )
+
+    def test_whole_event(self) -> None:
+        relay, record = self.relay()
+        relay.dataReceived(b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n')
+        self.assertEqual(record.ttft, 0.5)
+        self.assertEqual((record.prompt_tokens, record.completion_tokens), (None, None))
+        relay.dataReceived(self.USAGE + b"data: [DONE]\n\n")
+        self.assertEqual((record.prompt_tokens, record.completion_tokens), (12, 7))
+
+    def test_event_cut_anywhere(self) -> None:
+        """Cut at every byte after the word: the counts are found all the same."""
+        start = self.USAGE.index(b'"usage"') + len(b'"usage"')
+        for cut in range(start, len(self.USAGE)):
+            relay, record = self.relay()
+            relay.dataReceived(self.USAGE[:cut])
+            relay.dataReceived(self.USAGE[cut:] + b"data: [DONE]\n\n")
+            self.assertEqual((record.prompt_tokens, record.completion_tokens), (12, 7), cut)
+
+    def test_null_usage_in_every_chunk(self) -> None:
+        """OpenAI names C{usage} in every chunk, as C{null}, until the last."""
+        relay, record = self.relay()
+        relay.dataReceived(b'data: {"choices":[{"delta":{}}],"usage":null}\n\n' * 3)
+        self.assertEqual((record.prompt_tokens, record.completion_tokens), (None, None))
+        relay.dataReceived(
+            b'data: {"choices":[],"usage": {"prompt_tokens": 3, "completion_tokens": 2}}\r\n\r\n'
+        )
+        self.assertEqual((record.prompt_tokens, record.completion_tokens), (3, 2))
+
+    def test_not_json(self) -> None:
+        relay, record = self.relay()
+        relay.dataReceived(b'data: {"usage":{"prompt_tokens": oops}\n\n')
+        self.assertEqual((record.prompt_tokens, record.completion_tokens), (None, None))
