@@ -55,6 +55,8 @@ class Config:
     health_interval: float = 5.0
     fail_timeout: float = 10.0
     retries: int = 2
+    metrics_bind: str | None = None
+    """C{HOST:PORT} (C{[::1]:PORT} for IPv6) of the parent's C{/metrics}; off when L{None}."""
 
     @property
     def upstream_base(self) -> bytes:
@@ -102,6 +104,37 @@ def upstream_origin(url: str) -> str:
         raise ValueError("the port is not a number from 1 to 65535")
     port = port or (443 if scheme == "https" else 80)
     return f"{scheme}://{host}:{port}"
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    """
+    C{127.0.0.1:9464} or C{[::1]:9464} as an address and a port.
+
+    @raise ValueError: not an IP address and a port in that form.
+    """
+    host, colon, port_text = value.strip().rpartition(":")
+    if not colon or not host:
+        raise ValueError("give it as HOST:PORT, for example 127.0.0.1:9464 or [::1]:9464")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if ipaddress.ip_address(host).version != 6:
+            raise ValueError("only IPv6 addresses go in brackets")
+    elif ":" in host:
+        raise ValueError("put IPv6 addresses in brackets, as [::1]:9464")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{host!r} is not an IP address") from None
+    return str(address), _port(port_text)
+
+
+def _host_port(value: str) -> str:
+    """The C{--metrics-bind} value, checked and written the one way."""
+    try:
+        host, port = split_host_port(value)
+    except ValueError as e:
+        raise ValueError(f"--metrics-bind {value!r}: {e}") from None
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _port(value: str) -> int:
@@ -224,6 +257,14 @@ class Options(usage.Options):
             None,
             "File of client API keys, one a line; when set, every /v1 request needs one.",
         ],
+        [
+            "metrics-bind",
+            None,
+            None,
+            "Serve Prometheus metrics at http://HOST:PORT/metrics ([::1]:PORT for IPv6); "
+            "off unless given.",
+            _host_port,
+        ],
     ]
 
     def __init__(self) -> None:
@@ -337,4 +378,5 @@ class Options(usage.Options):
             health_interval=self["health-interval"],
             fail_timeout=self["fail-timeout"],
             retries=self["retries"],
+            metrics_bind=self["metrics-bind"],
         )

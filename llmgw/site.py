@@ -18,6 +18,7 @@ connection level, before any resource runs:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from http import HTTPStatus
 from io import BytesIO
 from typing import Any, cast
@@ -32,6 +33,7 @@ from twisted.web.resource import IResource
 from llmgw import errors
 from llmgw.errors import ApiError, body_too_large, invalid
 from llmgw.headers import HARDENING_HEADERS, secure
+from llmgw.record import RequestRecord
 
 log = Logger()
 
@@ -345,6 +347,8 @@ class GatewaySite(server.Site):
         self.max_body = max_body
         self.read_timeout = read_timeout
         self._access_log = access_log
+        #: Called with each request's record once it is finished (metrics, access log).
+        self.record_observers: list[Callable[[RequestRecord], None]] = []
         self.channels: set[GatewayChannel] = set()
         self._drained: Deferred[None] | None = None
         self._drain_deadline: IDelayedCall | None = None
