@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TextIO, cast
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
@@ -267,12 +267,20 @@ class MetricsListener(StreamServerEndpointService):
     """
     The C{--metrics-bind} listener: C{GET /metrics} on its own port, never
     the API's.  Bound at start-up, so a busy port stops start-up with one
-    line that names the flag.
+    line that names the flag.  On stop it keeps serving until C{keep_until}
+    fires (the drain), so that a scrape can watch the drain and its last counts.
     """
 
-    def __init__(self, config: Config, reactor: Any, registry: Any) -> None:
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        registry: Any,
+        keep_until: Callable[[], Deferred[Any]] | None = None,
+    ) -> None:
         assert config.metrics_bind is not None
         self.bind = config.metrics_bind
+        self.keep_until = keep_until
         host, port = split_host_port(config.metrics_bind)
         endpoint_type = TCP6ServerEndpoint if ":" in host else TCP4ServerEndpoint
         site = Site(MetricsResource(registry), reactor=reactor)
@@ -286,6 +294,20 @@ class MetricsListener(StreamServerEndpointService):
         except CannotListenError as error:
             refuse_to_start(f"--metrics-bind {self.bind}: {_socket_error_text(error)}")
 
+    def stopService(self) -> Deferred[None]:
+        if self.keep_until is None:
+            return self._stop_listening()
+
+        def drained(_: object) -> Deferred[None]:
+            return self._stop_listening()
+
+        stopped: Deferred[None] = self.keep_until().addBoth(drained)
+        return stopped
+
+    def _stop_listening(self) -> Deferred[None]:
+        stopped: Deferred[None] = super().stopService()  # type: ignore[no-untyped-call]
+        return stopped
+
 
 def metrics_listener(
     config: Config,
@@ -293,12 +315,13 @@ def metrics_listener(
     totals: MetricsTotals,
     parent_state: Callable[[], ParentState],
     before_collect: Callable[[], object] | None = None,
+    keep_until: Callable[[], Deferred[Any]] | None = None,
 ) -> MetricsListener | None:
     """The C{/metrics} listener over C{totals}, or L{None} without C{--metrics-bind}."""
     if config.metrics_bind is None:
         return None
     collector = GatewayCollector(totals, parent_state, gateway_version(), before_collect)
-    return MetricsListener(config, reactor, metrics_registry(collector))
+    return MetricsListener(config, reactor, metrics_registry(collector), keep_until)
 
 
 class LocalCommands:
@@ -353,6 +376,14 @@ def local_clients(limiter: ILimiter | None) -> int:
     return len(limiter) if isinstance(limiter, SlidingWindowLimiter) else 0
 
 
+def workers_ended(supervisor: Supervisor) -> Deferred[Any]:
+    """Fires once every worker running now has ended."""
+    ended: Deferred[Any] = gatherResults(
+        [worker.ended for worker in list(supervisor.workers.values())], consumeErrors=True
+    )
+    return ended
+
+
 def cluster_state(supervisor: Supervisor) -> ParentState:
     """What the parent knows itself, for C{/metrics}."""
     limiter = supervisor.limiter
@@ -400,10 +431,14 @@ def make_service(
         supervisor = Supervisor(config, reactor, colour=use_colour())
         _ClusterExit(reactor).setServiceParent(top)  # type: ignore[no-untyped-call]
         cluster_metrics = metrics_listener(
-            config, reactor, supervisor.metrics, lambda: cluster_state(supervisor)
+            config,
+            reactor,
+            supervisor.metrics,
+            lambda: cluster_state(supervisor),
+            keep_until=lambda: workers_ended(supervisor),
         )
         if cluster_metrics is not None:
-            # Before the supervisor, so that it is stopped after the drain.
+            # Before the supervisor, so that its stop is asked for after the drain began.
             cluster_metrics.setServiceParent(top)  # type: ignore[no-untyped-call]
         supervisor.setServiceParent(top)  # type: ignore[no-untyped-call]
         supervisor.health = health_checker(config, keys, reactor, supervisor.replica_state_changed)
