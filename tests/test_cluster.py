@@ -7,6 +7,7 @@ model served by this test process, so the test can see what reached the model.
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import re
 import signal
@@ -630,4 +631,61 @@ class BackoffTests(SynchronousTestCase):
         supervisor.worker_ended(worker, Failure(ProcessTerminated(signal=9)))
         (restart,) = clock.getDelayedCalls()
         self.assertEqual(restart.getTime(), clock.seconds())
+        self.flushLoggedErrors()
+
+
+class StatsFromTotalsTests(SynchronousTestCase):
+    """The console's served, refused and upstream errors are the metrics' totals."""
+
+    def test_rows_and_ended_workers(self) -> None:
+        from twisted.internet.error import ProcessTerminated
+        from twisted.internet.testing import MemoryReactorClock
+
+        from llmgw.cluster import Supervisor, WorkerProcess
+
+        clock = MemoryReactorClock()
+        supervisor = Supervisor(Config(workers=2), clock, colour=False)
+        supervisor.spawn = lambda number: None  # type: ignore[method-assign]
+        live, dead = WorkerProcess(supervisor, 1), WorkerProcess(supervisor, 2)
+        supervisor.workers.update({1: live, 2: dead})
+        requests = {
+            "counters": {
+                "requests_total": [
+                    [["/v1/chat/completions", "200"], 5],
+                    [["/v1/chat/completions", "429"], 2],
+                    [["/v1/chat/completions", "504"], 1],
+                ],
+                "rejected_total": [[["rate_limit"], 2]],
+            }
+        }
+        for worker in (live, dead):
+            worker.amp.metrics_delta(json.dumps(requests))
+        supervisor.worker_ended(dead, Failure(ProcessTerminated(signal=9)))
+        # What a worker answers: its own counters, which the totals' figures replace.
+        answer = {
+            "served": 0,
+            "in_flight": 1,
+            "refused": 0,
+            "upstream_errors": 0,
+            "uptime": 3.0,
+            "replicas": "[]",
+        }
+        live.amp.callRemote = lambda command: defer.succeed(dict(answer))  # type: ignore[method-assign, misc]
+        stats = self.successResultOf(Deferred.fromCoroutine(supervisor.stats()))
+        self.assertEqual(
+            stats["workers"],
+            [
+                {
+                    "worker": 1,
+                    "pid": None,
+                    "served": 8,
+                    "in_flight": 1,
+                    "refused": 2,
+                    "upstream_errors": 1,
+                    "uptime": 3.0,
+                },
+                {"worker": "ended", "pid": None, "served": 8, "refused": 2, "upstream_errors": 1},
+            ],
+        )
+        self.assertEqual(supervisor.metrics.worker_restarts, 1)
         self.flushLoggedErrors()

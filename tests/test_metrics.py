@@ -10,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from llmgw.cluster import ParentSide
@@ -27,6 +28,7 @@ from llmgw.metrics import (
     encode_delta,
     metrics_registry,
 )
+from llmgw.options import Options, split_host_port
 from llmgw.record import Attempt, RequestRecord
 
 DEFAULT = "served/model"
@@ -518,3 +520,48 @@ class DeltaOverAmpTests(SynchronousTestCase):
         self.assertEqual(totals.gauge("requests_in_flight"), {(): 1})
         self.successResultOf(worker.send_metrics())  # nothing changed: nothing sent
         self.assertEqual(to_parent.value(), b"")
+
+
+class MetricsBindOptionTests(SynchronousTestCase):
+    """C{--metrics-bind HOST:PORT} (here, with the metrics: tests/test_options.py is not mine)."""
+
+    def parse(self, *argv: str) -> str | None:
+        options = Options()
+        options.parseOptions(list(argv))
+        bind: str | None = options.config.metrics_bind
+        return bind
+
+    def test_off_unless_given(self) -> None:
+        self.assertIsNone(self.parse())
+
+    def test_accepted(self) -> None:
+        for given, kept in (
+            ("127.0.0.1:9464", "127.0.0.1:9464"),
+            ("0.0.0.0:1", "0.0.0.0:1"),
+            ("[::1]:9464", "[::1]:9464"),
+            ("[0:0::1]:65535", "[::1]:65535"),
+            (" 127.0.0.1:9464 ", "127.0.0.1:9464"),
+        ):
+            self.assertEqual(self.parse("--metrics-bind", given), kept)
+        self.assertEqual(split_host_port("[::1]:9464"), ("::1", 9464))
+
+    def test_refused_with_the_flag_named(self) -> None:
+        for value in (
+            "9464",
+            ":9464",
+            "127.0.0.1",
+            "127.0.0.1:",
+            "127.0.0.1:0",
+            "127.0.0.1:65536",
+            "127.0.0.1:port",
+            "localhost:9464",
+            "::1:9464",
+            "[127.0.0.1]:9464",
+            "[::1:9464",
+            "[nope]:9464",
+            "",
+        ):
+            error = self.assertRaises(
+                usage.UsageError, Options().parseOptions, ["--metrics-bind", value]
+            )
+            self.assertIn(f"--metrics-bind {value!r}: ", str(error))
