@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -565,3 +567,33 @@ class MetricsBindOptionTests(SynchronousTestCase):
                 usage.UsageError, Options().parseOptions, ["--metrics-bind", value]
             )
             self.assertIn(f"--metrics-bind {value!r}: ", str(error))
+
+
+class DashboardTests(SynchronousTestCase):
+    def test_dashboard_asks_for_metrics_that_exist(self) -> None:
+        """Every series contrib/grafana/llmgw.json queries is one the gateway exposes."""
+        path = Path(__file__).resolve().parent.parent / "contrib" / "grafana" / "llmgw.json"
+        dashboard = json.loads(path.read_text())
+        queried = set(re.findall(r"llmgw_[a-z_]+", path.read_text()))
+        clock = Clock()
+        worker = Gateway().metrics()
+        worker.observe(
+            record(
+                clock,
+                stream=True,
+                ttft=0.1,
+                prompt_tokens=1,
+                attempts=[Attempt(A, "unreachable"), Attempt(B)],
+                retry_reasons=["unreachable"],
+            )
+        )
+        totals = MetricsTotals()
+        delta = worker.take_delta()
+        assert delta is not None
+        totals.apply("w", delta)
+        collector = GatewayCollector(totals, lambda: state(upstream_up={A: True}), "1")
+        exposed = set(scrape(self, collector))
+        self.assertEqual(queried - exposed, set())
+        self.assertEqual(dashboard["uid"], "llmgw")
+        titles = [panel["title"] for panel in dashboard["panels"]]
+        self.assertEqual(len(titles), len(set(titles)))
