@@ -195,13 +195,14 @@ class GatewayResource(Resource):
         path: bytes,
         body: bytes | None,
         model: str | None,
-        deadline: float,
+        started: float,
     ) -> tuple[IResponse, Lease]:
         """
         Send the request to a replica chosen for C{model}, and to another (at
         most C{--retries} more) if that one cannot be reached or answers 503:
         in both cases the model did no work, and nothing has been relayed yet.
-        Any other answer, error or not, is the reply.
+        Any other answer, error or not, is the reply.  Every attempt shares
+        the request's C{--timeout}, counted from C{started}.
 
         @return: the reply whose headers arrived, and the lease that counts it
             in flight on its replica until the caller releases it.
@@ -213,6 +214,7 @@ class GatewayResource(Resource):
             tried.append(replica)
             lease = self.router.lease(replica)
             last_try = len(tried) > self.config.retries or len(tried) == len(self.router.replicas)
+            deadline = self._time_left(started)
             try:
                 response = await self._send(request, method, path, body, deadline, replica.origin)
             except ReplicaUnreachable as e:
@@ -221,8 +223,11 @@ class GatewayResource(Resource):
                 if last_try:
                     raise e.error from None
                 continue
-            except BaseException:
+            except ApiError:
                 lease.release(failed=True)
+                raise
+            except BaseException:
+                lease.release()  # cancelled: the client went away
                 raise
             if response.code == 503 and not last_try:
                 log.info("{replica} answered 503; trying another", replica=replica.name)
@@ -262,7 +267,7 @@ class GatewayResource(Resource):
         self.request_log.request(request, chat.body)
         started = self.clock.seconds()
         response, lease = await self._forward(
-            request, b"POST", b"/v1/chat/completions", chat.body, chat.model, self.config.timeout
+            request, b"POST", b"/v1/chat/completions", chat.body, chat.model, started
         )
         try:
             content_type = response.headers.getRawHeaders(b"content-type", [b""])[0]
@@ -298,9 +303,7 @@ class GatewayResource(Resource):
                 _respond_json(request, 200, body)
                 return
         started = self.clock.seconds()
-        response, lease = await self._forward(
-            request, b"GET", b"/v1/models", None, None, self.config.timeout
-        )
+        response, lease = await self._forward(request, b"GET", b"/v1/models", None, None, started)
         try:
             await self._relay_json(request, response, self._time_left(started))
         finally:

@@ -6,11 +6,18 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run C{twistd --nodaemon llmgw} with this command's arguments."""
+    """
+    Run C{twistd --nodaemon llmgw} with this command's arguments.
+
+    C{sys.argv[0]} becomes C{llmgw}: that is how L{llmgw.options.Options}
+    knows to say C{Usage: llmgw [options]} rather than twistd's synopsis.
+    """
     from twisted.scripts.twistd import run
 
+    from llmgw.options import COMMAND
+
     arguments = sys.argv[1:] if argv is None else argv
-    sys.argv = ["llmgw", "--nodaemon", "--pidfile=", "llmgw", *arguments]
+    sys.argv = [COMMAND, "--nodaemon", "--pidfile=", COMMAND, *arguments]
     run()
 
 

@@ -7,14 +7,21 @@ do, never with a traceback from deep inside the service.
 
 from __future__ import annotations
 
+import importlib.metadata
 import ipaddress
 import os
+import sys
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 from urllib.parse import urlsplit
 
 import attrs
 from twisted.python import usage
+
+from llmgw.validation import RECONFIGURING_FIELDS
+
+#: The console script's name, and the twistd plugin's.
+COMMAND = "llmgw"
 
 DEFAULT_MODEL = "TheBloke/Mistral-7B-Instruct-v0.2-AWQ"
 MIB = 1024 * 1024
@@ -133,7 +140,7 @@ def _host_port(value: str) -> str:
     try:
         host, port = split_host_port(value)
     except ValueError as e:
-        raise ValueError(f"--metrics-bind {value!r}: {e}") from None
+        raise ValueError(f"{value!r}: {e}") from None
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -156,7 +163,8 @@ def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
         try:
             number = kind(value)
         except ValueError:
-            raise ValueError(f"{value!r} is not a number") from None
+            wanted = "a whole number" if kind is int else "a number"
+            raise ValueError(f"{value!r} is not {wanted}") from None
         if not number > 0 or number == float("inf"):
             raise ValueError(f"{value} must be a finite number above 0")
         return number
@@ -177,6 +185,40 @@ def _count(value: str) -> int:
     if number < 0:
         raise ValueError(f"{value} must be 0 or more")
     return number
+
+
+def _naming_flag(flag: str, coerce: Callable[[str], object]) -> Callable[[str], object]:
+    """
+    Make a coercer's C{ValueError} a usage error that starts with the flag.
+
+    L{usage.CoerceParameter} would report C{Parameter type enforcement failed:
+    70000 is not a TCP port}, which does not say which flag was wrong; a
+    L{usage.UsageError} passes through it untouched.
+    """
+
+    def coerce_naming_flag(value: str) -> object:
+        try:
+            return coerce(value)
+        except ValueError as e:
+            raise usage.UsageError(f"{flag}: {e}") from None
+
+    return coerce_naming_flag
+
+
+def version() -> str:
+    """
+    llmgw's version, from the installed package's metadata (so it is written
+    once, in pyproject.toml), or a note that a source tree has none.
+    """
+    try:
+        return importlib.metadata.version(COMMAND)
+    except importlib.metadata.PackageNotFoundError:
+        return "(unknown version: not installed as a package)"
+
+
+def _run_as_console_script() -> bool:
+    """Whether the C{llmgw} command (L{llmgw.cli}) runs us, rather than twistd."""
+    return os.path.basename(sys.argv[0]) == COMMAND
 
 
 class Options(usage.Options):
@@ -272,6 +314,56 @@ class Options(usage.Options):
         self["trusted_proxies"] = []
         self["allowed_fields"] = []
         self["upstreams"] = []
+        # Every flag with a coercer, those added later included, names itself
+        # when its value is refused.
+        for name, handler in self._dispatch.items():
+            if isinstance(handler, usage.CoerceParameter):
+                handler.coerce = _naming_flag(f"--{name}", handler.coerce)
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        """
+        Parse; as a twistd subcommand, report a usage error in one line and exit.
+
+        twistd answers a subcommand's usage error by printing its whole option
+        list first, and Twisted 22.4's twistd then exits with status 0.  Under
+        twistd (and so under the C{llmgw} command, which runs twistd) the error
+        is printed here, with a pointer to C{--help}, and the exit status is 1,
+        as C{--help} itself exits from inside parsing.  Without a parent (tests,
+        other programs) the L{usage.UsageError} propagates.
+        """
+        try:
+            super().parseOptions(options)  # type: ignore[no-untyped-call]
+        except usage.UsageError as e:
+            if self.parent is None:
+                raise
+            self._exit_with_usage_error(e)
+
+    def _exit_with_usage_error(self, error: usage.UsageError) -> NoReturn:
+        command = self.getSynopsis().removeprefix("Usage: ").replace(" [options]", "")
+        sys.stderr.write(f"{error}\nRun {command} --help for the list of options.\n")
+        sys.stderr.flush()
+        raise SystemExit(1)
+
+    def getSynopsis(self) -> str:
+        """
+        C{Usage: llmgw [options]} when run as C{llmgw}; under twistd, twistd's
+        own C{Usage: twistd [options] llmgw [options]}.
+        """
+        if self.parent is None or _run_as_console_script():
+            return f"Usage: {COMMAND} {self.synopsis}"
+        synopsis: str = super().getSynopsis()
+        return synopsis
+
+    def opt_version(self) -> NoReturn:
+        """Print llmgw's version and exit."""
+        print(f"{COMMAND} {version()}")
+        raise SystemExit(0)
+
+    def parseArgs(self, *arguments: str) -> None:
+        if arguments:
+            raise usage.UsageError(
+                f"{COMMAND} takes only options, not the argument {arguments[0]!r}"
+            )
 
     def opt_trusted_proxy(self, cidr: str) -> None:
         """Believe X-Forwarded-For and Forwarded from peers in CIDR (repeatable)."""
@@ -281,7 +373,12 @@ class Options(usage.Options):
             raise usage.UsageError(f"--trusted-proxy {cidr!r} is not an address or CIDR") from None
 
     def opt_allow_field(self, name: str) -> None:
-        """Forward this model-server-reconfiguring field (repeatable)."""
+        """Forward chat_template, chat_template_kwargs or logits_processors (repeatable)."""
+        if name not in RECONFIGURING_FIELDS:
+            raise usage.UsageError(
+                f"--allow-field: {name!r} is not a field that can be allowed; "
+                f"use {', '.join(RECONFIGURING_FIELDS[:-1])} or {RECONFIGURING_FIELDS[-1]}"
+            )
         self["allowed_fields"].append(name)
 
     def opt_upstream(self, url: str) -> None:

@@ -143,7 +143,12 @@ class Router:
         return Lease(replica)
 
     def eject(self, replica: Replica, why: str) -> None:
-        """This worker could not connect to C{replica}: avoid it for a while."""
+        """
+        This worker could not connect to C{replica}: avoid it for a while.
+        A lone model server has no other to prefer, so it is never avoided.
+        """
+        if len(self.replicas) == 1:
+            return
         if self.clock.seconds() >= replica.ejected_until:
             log.warn(
                 "Avoiding {replica} for {seconds:g}s: {why}",

@@ -16,7 +16,9 @@ import attrs
 
 from llmgw.errors import invalid
 
-ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
+#: "function" is deprecated in favour of "tool", but the OpenAI SDK still types
+#: it, and clients built on function calling still send it.
+ROLES = frozenset({"system", "user", "assistant", "tool", "developer", "function"})
 
 #: Fields that let a client change vLLM's chat template or run code on the
 #: model server; refused unless the operator names them in --allow-field.
@@ -71,22 +73,33 @@ def parse_object(body: bytes) -> dict[str, Any]:
 
 
 def _check_content(message: dict[str, Any], where: str) -> None:
+    """
+    Check a message's content: a string or an array of content parts.
+
+    An assistant message may leave content out or null whatever else it carries
+    (tool calls, a function call, audio, a refusal, or nothing): agent loops
+    send the model's own reply back as it came, and OpenAI's types and vLLM
+    accept that.  A function message must have the key, though it may be null,
+    as in the SDK's C{ChatCompletionFunctionMessageParam}.  An empty array is
+    the model server's to judge.
+    """
     role = message["role"]
-    if "content" not in message or message["content"] is None:
-        tool_calls = message.get("tool_calls")
-        if role == "assistant" and isinstance(tool_calls, list) and tool_calls:
+    content = message.get("content")
+    if content is None:
+        if role == "assistant" or (role == "function" and "content" in message):
             return
+        if role == "function":
+            detail = "it may be null, but not left out"
+        else:
+            detail = "only assistant and function messages may have it null"
         raise invalid(
-            f"{where}.content is required; it may be null only on an assistant "
-            "message that carries tool_calls.",
-            f"{where}.content",
+            f"{where}.content is required on a {role} message; {detail}.", f"{where}.content"
         )
-    content = message["content"]
     if isinstance(content, str):
         return
-    if not isinstance(content, list) or not content:
+    if not isinstance(content, list):
         raise invalid(
-            f"{where}.content must be a string or a non-empty array of content parts.",
+            f"{where}.content must be a string or an array of content parts.",
             f"{where}.content",
         )
     for j, part in enumerate(content):
@@ -121,6 +134,11 @@ def _check_messages(messages: object) -> None:
         if not isinstance(role, str) or role not in ROLES:
             raise invalid(
                 f"{where}.role must be one of {', '.join(sorted(ROLES))}.", f"{where}.role"
+            )
+        if role == "function" and not isinstance(message.get("name"), str):
+            raise invalid(
+                f"{where}.name is required on a function message: the function's name.",
+                f"{where}.name",
             )
         _check_content(message, where)
 

@@ -566,7 +566,7 @@ class MetricsBindOptionTests(SynchronousTestCase):
             error = self.assertRaises(
                 usage.UsageError, Options().parseOptions, ["--metrics-bind", value]
             )
-            self.assertIn(f"--metrics-bind {value!r}: ", str(error))
+            self.assertTrue(str(error).startswith(f"--metrics-bind: {value!r}: "), str(error))
 
 
 class DashboardTests(SynchronousTestCase):

@@ -25,6 +25,7 @@ from tests.loopback import (
     start_gateway,
     start_upstream,
 )
+from tests.test_validation import ASSISTANT_REPLIES, sdk_message
 
 try:
     import openai
@@ -106,6 +107,30 @@ class OpenAISDKTests(TestCase):
         self.assertEqual(failure.status_code, 400)
         self.assertEqual(failure.param, "temperature")
         self.assertIn("Temperature must be between 0.1 and 1.0", str(failure))
+
+    @inline
+    async def test_agent_loop_sends_each_reply_back(self) -> None:
+        """
+        C{messages.append(response.choices[0].message)}, then the next call:
+        the SDK serialises the assistant message itself, and the gateway
+        forwards it whatever the reply carried instead of text.
+        """
+        upstream = start_upstream(self)
+        gateway = start_gateway(self, gateway_config(upstream))
+        client = sdk(self, gateway)
+        for name, reply in ASSISTANT_REPLIES.items():
+            message = sdk_message(reply)
+            messages: list[Any] = [{"role": "user", "content": "What is x?"}, message]
+            if message.function_call is not None:
+                messages.append({"role": "function", "name": "lookup", "content": "42"})
+                expected = "What is x?"
+            else:
+                messages.append({"role": "user", "content": "And then?"})
+                expected = "And then?"
+            completion = await deferToThread(
+                client.chat.completions.create, model="m", messages=messages
+            )
+            self.assertEqual(completion.choices[0].message.content, expected, name)
 
     @inline
     async def test_rate_limited(self) -> None:

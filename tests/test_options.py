@@ -5,12 +5,16 @@ L{Config}, and a usage error (never a traceback) for each kind of bad value.
 
 from __future__ import annotations
 
+import importlib.metadata
+import io
 import ipaddress
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from twisted.python import usage
+from twisted.scripts._twistd_unix import ServerOptions
 from twisted.trial.unittest import SynchronousTestCase
 
 from llmgw.devtls import make_ca
@@ -375,6 +379,9 @@ BAD_ARGUMENTS: dict[str, list[str]] = {
     "workers_zero": ["--workers", "0"],
     "workers_negative": ["--workers", "-2"],
     "workers_word": ["--workers", "auto"],
+    "allow_field_unknown": ["--allow-field", "foo"],
+    "allow_field_empty": ["--allow-field", ""],
+    "allow_field_wrong_case": ["--allow-field", "Chat_Template"],
     "unknown_flag": ["--no-such-flag"],
     "stray_argument": ["serve"],
 }
@@ -401,6 +408,168 @@ def _add_bad_argument_tests() -> None:
 
 
 _add_bad_argument_tests()
+
+
+class MessageTests(SynchronousTestCase):
+    """A refused value is reported in one line that names its flag."""
+
+    def refusal(self, *argv: str) -> str:
+        error = self.assertRaises(usage.UsageError, Options().parseOptions, list(argv))
+        return str(error)
+
+    def test_bindport_out_of_range(self) -> None:
+        self.assertEqual(
+            self.refusal("--bindport", "70000"),
+            "--bindport: 70000 is not a TCP port; use 1 to 65535",
+        )
+
+    def test_exact_messages(self) -> None:
+        for argv, message in [
+            (["--aihostport", "https"], "--aihostport: 'https' is not a whole number"),
+            (["--max-body", "1.5"], "--max-body: '1.5' is not a whole number"),
+            (["--workers", "0"], "--workers: 0 must be a finite number above 0"),
+            (["--timeout", "soon"], "--timeout: 'soon' is not a number"),
+            (["--grace", "inf"], "--grace: inf must be a finite number above 0"),
+            (["--rate-limit", "-1"], "--rate-limit: -1 must be 0 or more"),
+            (["--ipv6-prefix", "abc"], "--ipv6-prefix: 'abc' is not a whole number"),
+        ]:
+            self.assertEqual(self.refusal(*argv), message, argv)
+
+    def test_every_coerced_flag_names_itself(self) -> None:
+        """
+        Each flag with a coercer (those added later too) reports every value
+        its coercer refuses as C{--flag: <the coercer's message>}.
+        """
+        candidates = ["", "x", "1.5", "-1", "0", "-0.0", "nan", "inf", "70000", "1e999"]
+        coerced = [entry for entry in Options.optParameters if len(entry) >= 5 and entry[4]]
+        self.assertTrue(coerced)
+        for name, _short, _default, _doc, coerce in coerced:
+            refused = 0
+            for value in candidates:
+                try:
+                    coerce(value)
+                except ValueError as e:
+                    refused += 1
+                    self.assertEqual(self.refusal(f"--{name}", value), f"--{name}: {e}")
+            self.assertTrue(refused, f"--{name} accepts every candidate")
+
+    def test_allow_field_lists_the_fields(self) -> None:
+        self.assertEqual(
+            self.refusal("--allow-field", "foo"),
+            "--allow-field: 'foo' is not a field that can be allowed; use chat_template, "
+            "chat_template_kwargs or logits_processors",
+        )
+
+    def test_allow_field_help_lists_the_fields(self) -> None:
+        help_text = " ".join(str(Options()).split())
+        self.assertIn(
+            "--allow-field= Forward chat_template, chat_template_kwargs or logits_processors "
+            "(repeatable).",
+            help_text,
+        )
+
+    def test_stray_argument(self) -> None:
+        self.assertEqual(
+            self.refusal("--verbose", "serve"),
+            "llmgw takes only options, not the argument 'serve'",
+        )
+
+
+class CommandLineTests(SynchronousTestCase):
+    """
+    What C{twistd llmgw} and C{llmgw} (twistd under another name) print, with
+    the real twistd L{ServerOptions} as the parent: one line and a pointer to
+    C{--help} on a usage error, never twistd's whole option list.
+    """
+
+    def setUp(self) -> None:
+        self.stdout = io.StringIO()
+        self.stderr = io.StringIO()
+        self.patch(sys, "stdout", self.stdout)
+        self.patch(sys, "stderr", self.stderr)
+
+    def run_twistd(self, program: str, *argv: str) -> int | str | None:
+        """Parse C{program llmgw argv...} as twistd does; return the exit status."""
+        self.patch(sys, "argv", [program, "llmgw", *argv])
+        exit = self.assertRaises(SystemExit, ServerOptions().parseOptions, ["llmgw", *argv])
+        code: int | str | None = exit.code
+        return code
+
+    def test_twistd_bad_number(self) -> None:
+        self.assertEqual(self.run_twistd("twistd", "--bindport", "70000"), 1)
+        self.assertEqual(
+            (self.stdout.getvalue(), self.stderr.getvalue()),
+            (
+                "",
+                "--bindport: 70000 is not a TCP port; use 1 to 65535\n"
+                "Run twistd llmgw --help for the list of options.\n",
+            ),
+        )
+
+    def test_llmgw_bad_number(self) -> None:
+        self.assertEqual(self.run_twistd("llmgw", "--workers", "none"), 1)
+        self.assertEqual(
+            (self.stdout.getvalue(), self.stderr.getvalue()),
+            (
+                "",
+                "--workers: 'none' is not a whole number\n"
+                "Run llmgw --help for the list of options.\n",
+            ),
+        )
+
+    def test_twistd_checks_after_parsing(self) -> None:
+        """Errors found once every flag is read are reported the same way."""
+        self.assertEqual(self.run_twistd("twistd", "--aischeme", "ftp"), 1)
+        self.assertEqual(
+            self.stderr.getvalue(),
+            "--aischeme must be https or http, not 'ftp'\n"
+            "Run twistd llmgw --help for the list of options.\n",
+        )
+
+    def test_twistd_unknown_flag(self) -> None:
+        self.assertEqual(self.run_twistd("twistd", "--no-such-flag"), 1)
+        self.assertEqual(
+            self.stderr.getvalue(),
+            "option --no-such-flag not recognized\n"
+            "Run twistd llmgw --help for the list of options.\n",
+        )
+
+    def test_twistd_help(self) -> None:
+        self.assertEqual(self.run_twistd("twistd", "--help"), 0)
+        self.assertEqual(
+            self.stdout.getvalue().splitlines()[:2],
+            ["Usage: twistd [options] llmgw [options]", "Options:"],
+        )
+
+    def test_llmgw_help(self) -> None:
+        self.assertEqual(self.run_twistd("llmgw", "--help"), 0)
+        self.assertEqual(
+            self.stdout.getvalue().splitlines()[:2], ["Usage: llmgw [options]", "Options:"]
+        )
+
+    def test_usage_without_twistd(self) -> None:
+        self.assertEqual(str(Options()).splitlines()[:2], ["Usage: llmgw [options]", "Options:"])
+
+    def test_version_from_package_metadata(self) -> None:
+        versions: list[str] = []
+
+        def version(name: str) -> str:
+            versions.append(name)
+            return "9.8.7"
+
+        self.patch(importlib.metadata, "version", version)
+        self.assertEqual(self.run_twistd("twistd", "--version"), 0)
+        self.assertEqual((self.stdout.getvalue(), versions), ("llmgw 9.8.7\n", ["llmgw"]))
+
+    def test_version_without_package_metadata(self) -> None:
+        def version(name: str) -> str:
+            raise importlib.metadata.PackageNotFoundError(name)
+
+        self.patch(importlib.metadata, "version", version)
+        self.assertEqual(self.run_twistd("llmgw", "--version"), 0)
+        self.assertEqual(
+            self.stdout.getvalue(), "llmgw (unknown version: not installed as a package)\n"
+        )
 
 
 class UpstreamBaseTests(SynchronousTestCase):

@@ -23,6 +23,11 @@ from twisted.trial.unittest import SynchronousTestCase
 from llmgw.errors import ApiError
 from llmgw.validation import ChatRequest, validate_chat
 
+try:
+    from openai.types.chat import ChatCompletion, ChatCompletionFunctionMessageParam
+except ImportError:  # pragma: no cover - depends on the stack
+    ChatCompletion = None  # type: ignore[assignment,misc]
+
 DEFAULT = "TheBloke/Mistral-7B-Instruct-v0.2-AWQ"
 TEMPERATURE_MESSAGE = "Temperature must be between 0.1 and 1.0"
 INVALID = "invalid_request_error"
@@ -125,11 +130,11 @@ INVALID_BODIES: dict[str, Invalid] = {
     "message_array": Invalid(chat([[USER]]), "messages[0]"),
     "message_number": Invalid(chat([7]), "messages[0]"),
     "second_message_not_object": Invalid(chat([USER, "Hello"]), "messages[1]"),
-    # role in {system, user, assistant, tool, developer}.
+    # role in {system, user, assistant, tool, developer, function}.
     "role_missing": Invalid(one({"content": "Hi"}), "messages[0].role"),
     "role_null": Invalid(one({"role": None, "content": "Hi"}), "messages[0].role"),
     "role_unknown": Invalid(one({"role": "admin", "content": "Hi"}), "messages[0].role"),
-    "role_function": Invalid(one({"role": "function", "content": "Hi"}), "messages[0].role"),
+    "role_functions": Invalid(one({"role": "functions", "content": "Hi"}), "messages[0].role"),
     "role_wrong_case": Invalid(one({"role": "User", "content": "Hi"}), "messages[0].role"),
     "role_padded": Invalid(one({"role": " user", "content": "Hi"}), "messages[0].role"),
     "role_empty": Invalid(one({"role": "", "content": "Hi"}), "messages[0].role"),
@@ -138,27 +143,55 @@ INVALID_BODIES: dict[str, Invalid] = {
     "third_role_unknown": Invalid(
         chat([USER, USER, {"role": "robot", "content": "Hi"}]), "messages[2].role"
     ),
-    # content: a string or an array of parts; null only with tool_calls.
+    # function messages name the function.
+    "function_without_name": Invalid(
+        one({"role": "function", "content": "42"}), "messages[0].name"
+    ),
+    "function_name_null": Invalid(
+        one({"role": "function", "name": None, "content": "42"}), "messages[0].name"
+    ),
+    "function_name_number": Invalid(
+        one({"role": "function", "name": 7, "content": "42"}), "messages[0].name"
+    ),
+    "second_message_function_without_name": Invalid(
+        chat([USER, {"role": "function", "content": None}]), "messages[1].name"
+    ),
+    # content: a string or an array of parts; null or absent only on an
+    # assistant message, null (but present) on a function message.
     "content_missing": Invalid(one({"role": "user"}), "messages[0].content"),
     "content_null": Invalid(content(None), "messages[0].content"),
     "content_number": Invalid(content(5), "messages[0].content"),
     "content_true": Invalid(content(True), "messages[0].content"),
     "content_object": Invalid(content({"type": "text", "text": "Hi"}), "messages[0].content"),
-    "content_empty_array": Invalid(content([]), "messages[0].content"),
     "system_content_null": Invalid(one({"role": "system", "content": None}), "messages[0].content"),
-    "assistant_content_null": Invalid(
-        one({"role": "assistant", "content": None}), "messages[0].content"
+    "system_content_missing": Invalid(one({"role": "system"}), "messages[0].content"),
+    "developer_content_null": Invalid(
+        one({"role": "developer", "content": None}), "messages[0].content"
     ),
-    "assistant_content_missing": Invalid(one({"role": "assistant"}), "messages[0].content"),
-    "assistant_null_empty_tool_calls": Invalid(
-        one({"role": "assistant", "content": None, "tool_calls": []}), "messages[0].content"
+    "tool_content_null": Invalid(
+        one({"role": "tool", "content": None, "tool_call_id": "call_1"}), "messages[0].content"
     ),
-    "assistant_null_tool_calls_null": Invalid(
-        one({"role": "assistant", "content": None, "tool_calls": None}), "messages[0].content"
+    "tool_content_missing": Invalid(
+        one({"role": "tool", "tool_call_id": "call_1"}), "messages[0].content"
     ),
-    "assistant_null_tool_calls_object": Invalid(
-        one({"role": "assistant", "content": None, "tool_calls": {"id": "c"}}),
+    "function_content_missing": Invalid(
+        one({"role": "function", "name": "lookup"}), "messages[0].content"
+    ),
+    "function_content_number": Invalid(
+        one({"role": "function", "name": "lookup", "content": 42}), "messages[0].content"
+    ),
+    "assistant_content_number": Invalid(
+        one({"role": "assistant", "content": 0}), "messages[0].content"
+    ),
+    "assistant_content_object": Invalid(
+        one({"role": "assistant", "content": {"type": "text", "text": "Hi"}}),
         "messages[0].content",
+    ),
+    "assistant_bad_part": Invalid(
+        one({"role": "assistant", "content": [{"type": "text"}]}), "messages[0].content[0].text"
+    ),
+    "user_refusal_content_null": Invalid(
+        one({"role": "user", "content": None, "refusal": "no"}), "messages[0].content"
     ),
     "user_null_with_tool_calls": Invalid(
         one({"role": "user", "content": None, "tool_calls": [{"id": "c"}]}),
@@ -331,6 +364,45 @@ VALID_BODIES: dict[str, Valid] = {
     "other_part_type": Valid(
         content([{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}])
     ),
+    "content_empty_array": Valid(content([])),
+    "assistant_content_empty_array": Valid(one({"role": "assistant", "content": []})),
+    "assistant_content_null": Valid(one({"role": "assistant", "content": None})),
+    "assistant_content_missing": Valid(one({"role": "assistant"})),
+    "assistant_null_empty_tool_calls": Valid(
+        one({"role": "assistant", "content": None, "tool_calls": []})
+    ),
+    "assistant_missing_content_empty_tool_calls": Valid(
+        one({"role": "assistant", "tool_calls": []})
+    ),
+    "assistant_null_tool_calls_null": Valid(
+        one({"role": "assistant", "content": None, "tool_calls": None})
+    ),
+    "assistant_null_with_refusal": Valid(
+        one({"role": "assistant", "content": None, "refusal": "I can't help with that."})
+    ),
+    "assistant_null_with_function_call": Valid(
+        one(
+            {
+                "role": "assistant",
+                "content": None,
+                "function_call": {"name": "lookup", "arguments": "{}"},
+            }
+        )
+    ),
+    "assistant_null_with_audio": Valid(
+        one({"role": "assistant", "content": None, "audio": {"id": "audio_1"}})
+    ),
+    "function": Valid(one({"role": "function", "name": "lookup", "content": "42"})),
+    "function_content_null": Valid(one({"role": "function", "name": "lookup", "content": None})),
+    "function_call_round_trip": Valid(
+        chat(
+            [
+                USER,
+                {"role": "assistant", "function_call": {"name": "lookup", "arguments": "{}"}},
+                {"role": "function", "name": "lookup", "content": "42"},
+            ]
+        )
+    ),
     "assistant_null_with_tool_calls": Valid(
         one({"role": "assistant", "content": None, "tool_calls": TOOL_CALLS})
     ),
@@ -428,6 +500,107 @@ def _add_table_tests() -> None:
 
 
 _add_table_tests()
+
+
+#: choices[0].message of replies model servers send with no text in them: what
+#: an agent loop appends to its messages, and sends back on the next turn.
+ASSISTANT_REPLIES: dict[str, dict[str, Any]] = {
+    "refusal": {"role": "assistant", "content": None, "refusal": "I can't help with that."},
+    "function_call": {
+        "role": "assistant",
+        "content": None,
+        "function_call": {"name": "lookup", "arguments": '{"q": "x"}'},
+    },
+    "audio": {
+        "role": "assistant",
+        "content": None,
+        "audio": {
+            "id": "audio_1",
+            "data": "UklGRg==",
+            "expires_at": 1700000000,
+            "transcript": "Hi",
+        },
+    },
+    # vLLM's ChatMessage: every field present, tool_calls an empty list.
+    "vllm_empty_tool_calls": {
+        "role": "assistant",
+        "content": None,
+        "refusal": None,
+        "annotations": None,
+        "audio": None,
+        "function_call": None,
+        "tool_calls": [],
+        "reasoning_content": None,
+    },
+    "no_content_key": {"role": "assistant", "refusal": "No."},
+}
+
+
+def sdk_message(reply: dict[str, Any]) -> Any:
+    """
+    The message as the SDK hands it to the agent loop: a C{ChatCompletion}
+    built from the reply the way the SDK builds it (C{construct}, no
+    validation), then its first choice's C{ChatCompletionMessage}.
+    """
+    completion = ChatCompletion.construct(
+        id="chatcmpl-1",
+        object="chat.completion",
+        created=1700000000,
+        model="m",
+        choices=[{"index": 0, "message": reply, "finish_reason": "stop", "logprobs": None}],
+    )
+    return completion.choices[0].message
+
+
+class AgentLoopTests(SynchronousTestCase):
+    """
+    C{messages.append(response.choices[0].message)} and send again: the
+    assistant turn goes back as the SDK serialises it (C{model_dump} with
+    C{exclude_unset=True}, as C{openai._utils._transform} does) and as agent
+    loops that keep plain dicts do (C{model_dump()}, every field, nulls included).
+    """
+
+    if ChatCompletion is None:
+        skip = "the openai SDK is not installed"
+
+    def check_sent_back(self, name: str) -> None:
+        message = sdk_message(ASSISTANT_REPLIES[name])
+        follow_up: dict[str, Any] = {"role": "user", "content": "And then?"}
+        if message.function_call is not None:
+            result: ChatCompletionFunctionMessageParam = {
+                "role": "function",
+                "name": message.function_call.name,
+                "content": "42",
+            }
+            follow_up = dict(result)
+        for sent in (
+            message.model_dump(exclude_unset=True, mode="json"),
+            message.model_dump(mode="json"),
+        ):
+            body = chat([USER, sent, follow_up], model="m")
+            request = validate_chat(body, default_model=DEFAULT)
+            self.assertEqual(request, ChatRequest(body, "m", False))
+            self.assertIs(request.body, body)
+
+    def test_refusal(self) -> None:
+        self.check_sent_back("refusal")
+
+    def test_function_call_then_function_result(self) -> None:
+        self.check_sent_back("function_call")
+
+    def test_audio(self) -> None:
+        self.check_sent_back("audio")
+
+    def test_vllm_empty_tool_calls(self) -> None:
+        self.check_sent_back("vllm_empty_tool_calls")
+
+    def test_no_content_key(self) -> None:
+        """The SDK leaves out what the reply left out: no content key at all."""
+        sent = sdk_message(ASSISTANT_REPLIES["no_content_key"]).model_dump(
+            exclude_unset=True, mode="json"
+        )
+        self.assertEqual(sent, {"role": "assistant", "refusal": "No."})
+        self.check_sent_back("no_content_key")
 
 
 class TemperatureTests(SynchronousTestCase):
@@ -528,7 +701,10 @@ json_values = st.recursive(
 )
 
 # JSON shaped like a chat request, so the properties reach the deeper rules.
-roles = st.sampled_from(["system", "user", "assistant", "tool", "developer", "admin"]) | json_values
+roles = (
+    st.sampled_from(["system", "user", "assistant", "tool", "developer", "function", "admin"])
+    | json_values
+)
 parts = st.fixed_dictionaries(
     {},
     optional={
@@ -545,6 +721,7 @@ messages = st.fixed_dictionaries(
         "role": roles,
         "content": contents,
         "tool_calls": st.lists(json_values, max_size=2) | json_values,
+        "name": st.text(max_size=8) | json_values,
     },
 )
 chat_documents = st.fixed_dictionaries(
