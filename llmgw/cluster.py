@@ -37,6 +37,7 @@ from twisted.python.failure import Failure
 
 from llmgw.health import HealthChecker, Models, encode_models, state_name
 from llmgw.logs import AccessLogFile
+from llmgw.metrics import MetricsTotals
 from llmgw.options import Config
 from llmgw.ratelimit import SlidingWindowLimiter
 from llmgw.routing import COUNTS
@@ -97,6 +98,19 @@ class ReleaseAdmission(amp.Command):
     """
 
     arguments: ClassVar = [(b"key", amp.Unicode()), (b"at", amp.Float())]
+    response: ClassVar = []
+
+
+class MetricsDelta(amp.Command):
+    """
+    Worker → parent: my counts since my last delta, and my gauges now
+    (L{llmgw.metrics.WorkerMetrics.take_delta}, as JSON).
+
+    Sent every L{llmgw.metrics.SEND_INTERVAL} seconds while anything changed,
+    before each L{WorkerStats} answer, and once more as the worker drains.
+    """
+
+    arguments: ClassVar = [(b"delta", amp.Unicode())]
     response: ClassVar = []
 
 
@@ -240,16 +254,24 @@ class QuietAMP(amp.AMP):
 
 class ParentSide(QuietAMP):
     """
-    What the parent answers a worker: admission, from the one shared limiter.
+    What the parent answers a worker: admission, from the one shared limiter;
+    and where its metrics go, into the totals under C{source}.
 
     @ivar access_log: the C{--access-log} file the worker's lines go to, if any.
     """
 
     access_log: AccessLogFile | None = None
 
-    def __init__(self, limiter: SlidingWindowLimiter | None) -> None:
+    def __init__(
+        self,
+        limiter: SlidingWindowLimiter | None,
+        metrics: MetricsTotals | None = None,
+        source: object = None,
+    ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.limiter = limiter
+        self.metrics = metrics
+        self.source = source if source is not None else self
 
     @Admit.responder
     def admit(self, key: str, deadline: float | None = None) -> dict[str, Any]:
@@ -287,6 +309,12 @@ class ParentSide(QuietAMP):
             self.limiter.release(key, at)
         return {}
 
+    @MetricsDelta.responder
+    def metrics_delta(self, delta: str) -> dict[str, Any]:
+        if self.metrics is not None:
+            self.metrics.apply_json(self.source, delta)
+        return {}
+
 
 class WorkerProcess(ProcessProtocol):
     """The parent's handle on one worker: its AMP channel and its log lines."""
@@ -294,7 +322,7 @@ class WorkerProcess(ProcessProtocol):
     def __init__(self, supervisor: Supervisor, number: int) -> None:
         self.supervisor = supervisor
         self.number = number
-        self.amp = ParentSide(supervisor.limiter)
+        self.amp = ParentSide(supervisor.limiter, supervisor.metrics, self)
         self.amp.access_log = supervisor.access_log
         self.started = supervisor.reactor.seconds()
         self.ended: Deferred[None] = Deferred()
@@ -349,6 +377,7 @@ class Supervisor(Service):
     @ivar limiter: the gateway-wide limiter every worker consults, or L{None}.
     @ivar access_log: the C{--access-log} file every worker's lines go to
         (opened before this service starts), or L{None}.
+    @ivar metrics: the totals of every worker's counts, the dead ones' included.
     """
 
     def __init__(self, config: Config, reactor: Any, colour: bool) -> None:
@@ -361,6 +390,7 @@ class Supervisor(Service):
             else None
         )
         self.workers: dict[int, WorkerProcess] = {}
+        self.metrics = MetricsTotals()
         self.health: HealthChecker | None = None
         self.access_log: AccessLogFile | None = None
         self.socket: socket.socket | None = None
@@ -413,6 +443,7 @@ class Supervisor(Service):
     def worker_ended(self, worker: WorkerProcess, reason: Failure) -> None:
         if self.workers.get(worker.number) is worker:
             del self.workers[worker.number]
+        self.metrics.source_ended(worker, restarting=not self._stopping)
         if self._stopping:
             return
         ran = self.reactor.seconds() - worker.started
@@ -488,8 +519,15 @@ class Supervisor(Service):
             log.info("The listening socket cannot be shut down here ({why})", why=e)
 
     async def stats(self) -> dict[str, Any]:
-        """Every worker's counters, the replicas' totals, and the limiter's tracked clients."""
-        rows = []
+        """
+        Every worker's counts, the replicas' totals, and the limiter's tracked clients.
+
+        The served, refused and upstream-error figures are the metrics'
+        (L{llmgw.metrics.ConsoleCounts}): each worker sends its delta just
+        before it answers, so they are current; and the workers that have
+        ended keep theirs in an C{ended} row, so the total is the metrics' total.
+        """
+        rows: list[dict[str, Any]] = []
         replicas: dict[str, dict[str, Any]] = {}
         for number, worker in sorted(self.workers.items()):
             try:
@@ -500,7 +538,11 @@ class Supervisor(Service):
                 total = replicas.setdefault(row["upstream"], dict.fromkeys(COUNTS, 0))
                 for count in COUNTS:
                     total[count] += row[count]
-            rows.append({"worker": number, "pid": worker.pid, **answer})
+            counts = attrs.asdict(self.metrics.console_counts(worker))
+            rows.append({"worker": number, "pid": worker.pid, **answer, **counts})
+        ended = self.metrics.ended
+        if ended.served or ended.refused or ended.upstream_errors:
+            rows.append({"worker": "ended", "pid": None, **attrs.asdict(ended)})
         replica_rows = [
             {"upstream": name, "state": state_name(self.health, name), **counts}
             for name, counts in replicas.items()

@@ -64,6 +64,8 @@ class Config:
     retries: int = 2
     access_log: str | None = None
     """C{--access-log}: the file of JSON access lines, or L{None} for none."""
+    metrics_bind: str | None = None
+    """C{HOST:PORT} (C{[::1]:PORT} for IPv6) of the parent's C{/metrics}; off when L{None}."""
 
     @property
     def upstream_base(self) -> bytes:
@@ -111,6 +113,37 @@ def upstream_origin(url: str) -> str:
         raise ValueError("the port is not a number from 1 to 65535")
     port = port or (443 if scheme == "https" else 80)
     return f"{scheme}://{host}:{port}"
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    """
+    C{127.0.0.1:9464} or C{[::1]:9464} as an address and a port.
+
+    @raise ValueError: not an IP address and a port in that form.
+    """
+    host, colon, port_text = value.strip().rpartition(":")
+    if not colon or not host:
+        raise ValueError("give it as HOST:PORT, for example 127.0.0.1:9464 or [::1]:9464")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if ipaddress.ip_address(host).version != 6:
+            raise ValueError("only IPv6 addresses go in brackets")
+    elif ":" in host:
+        raise ValueError("put IPv6 addresses in brackets, as [::1]:9464")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{host!r} is not an IP address") from None
+    return str(address), _port(port_text)
+
+
+def _host_port(value: str) -> str:
+    """The C{--metrics-bind} value, checked and written the one way."""
+    try:
+        host, port = split_host_port(value)
+    except ValueError as e:
+        raise ValueError(f"{value!r}: {e}") from None
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _port(value: str) -> int:
@@ -273,6 +306,14 @@ class Options(usage.Options):
             None,
             None,
             "Append one JSON line per request to this file (reopened on SIGHUP).",
+        ],
+        [
+            "metrics-bind",
+            None,
+            None,
+            "Serve Prometheus metrics at http://HOST:PORT/metrics ([::1]:PORT for IPv6); "
+            "off unless given.",
+            _host_port,
         ],
     ]
 
@@ -451,4 +492,5 @@ class Options(usage.Options):
             fail_timeout=self["fail-timeout"],
             retries=self["retries"],
             access_log=access_log,
+            metrics_bind=self["metrics-bind"],
         )

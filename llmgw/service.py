@@ -13,23 +13,36 @@ import ipaddress
 import os
 import signal
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO, cast
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.web.server import Site
 
 from llmgw.api import GatewayResource
 from llmgw.console import ConsoleCommands, console_service, prompt_safe_stdout
 from llmgw.health import HealthChecker, OnChange, state_name
 from llmgw.keys import KeyRing
 from llmgw.logs import AccessLogFile, BatchedAccessLines, RequestLog, use_colour
-from llmgw.options import Config, Options
+from llmgw.metrics import (
+    GatewayCollector,
+    LocalMetrics,
+    MetricsResource,
+    MetricsTotals,
+    ParentState,
+    WorkerMetrics,
+    gateway_version,
+    metrics_registry,
+    upstream_up,
+)
+from llmgw.options import Config, Options, split_host_port
 from llmgw.ratelimit import ILimiter, SlidingWindowLimiter
 
 if TYPE_CHECKING:
@@ -128,15 +141,20 @@ def cannot_listen_message(
     the flag that fixes it, the port's for a busy or privileged port and the
     address's for an address this host does not have.
     """
-    reason = error.socketError
-    code = getattr(reason, "errno", None)
-    text = os.strerror(code) if isinstance(code, int) else str(reason)
-    text = text[:1].lower() + text[1:]
+    code = getattr(error.socketError, "errno", None)
+    text = _socket_error_text(error)
     if code == errno.EADDRNOTAVAIL:
         return f"{ip_flag} {error.interface}: {text}"
     if code in (errno.EADDRINUSE, errno.EACCES):
         return f"{port_flag} {error.port}: {text}"
     return f"{ip_flag} {error.interface} {port_flag} {error.port}: {text}"
+
+
+def _socket_error_text(error: CannotListenError) -> str:
+    reason = error.socketError
+    code = getattr(reason, "errno", None)
+    text = os.strerror(code) if isinstance(code, int) else str(reason)
+    return text[:1].lower() + text[1:]
 
 
 class GatewayService(MultiService):
@@ -281,6 +299,67 @@ def health_checker(
     )
 
 
+class MetricsListener(StreamServerEndpointService):
+    """
+    The C{--metrics-bind} listener: C{GET /metrics} on its own port, never
+    the API's.  Bound at start-up, so a busy port stops start-up with one
+    line that names the flag.  On stop it keeps serving until C{keep_until}
+    fires (the drain), so that a scrape can watch the drain and its last counts.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        registry: Any,
+        keep_until: Callable[[], Deferred[Any]] | None = None,
+    ) -> None:
+        assert config.metrics_bind is not None
+        self.bind = config.metrics_bind
+        self.keep_until = keep_until
+        host, port = split_host_port(config.metrics_bind)
+        endpoint_type = TCP6ServerEndpoint if ":" in host else TCP4ServerEndpoint
+        site = Site(MetricsResource(registry), reactor=reactor)
+        site.noisy = False
+        super().__init__(endpoint_type(reactor, port, 50, host), site)  # type: ignore[no-untyped-call]
+        self._raiseSynchronously = True
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()  # type: ignore[no-untyped-call]
+        except CannotListenError as error:
+            refuse_to_start(f"--metrics-bind {self.bind}: {_socket_error_text(error)}")
+
+    def stopService(self) -> Deferred[None]:
+        if self.keep_until is None:
+            return self._stop_listening()
+
+        def drained(_: object) -> Deferred[None]:
+            return self._stop_listening()
+
+        stopped: Deferred[None] = self.keep_until().addBoth(drained)
+        return stopped
+
+    def _stop_listening(self) -> Deferred[None]:
+        stopped: Deferred[None] = super().stopService()  # type: ignore[no-untyped-call]
+        return stopped
+
+
+def metrics_listener(
+    config: Config,
+    reactor: Any,
+    totals: MetricsTotals,
+    parent_state: Callable[[], ParentState],
+    before_collect: Callable[[], object] | None = None,
+    keep_until: Callable[[], Deferred[Any]] | None = None,
+) -> MetricsListener | None:
+    """The C{/metrics} listener over C{totals}, or L{None} without C{--metrics-bind}."""
+    if config.metrics_bind is None:
+        return None
+    collector = GatewayCollector(totals, parent_state, gateway_version(), before_collect)
+    return MetricsListener(config, reactor, metrics_registry(collector), keep_until)
+
+
 class LocalCommands:
     """The console's commands when the one process serves by itself."""
 
@@ -290,24 +369,30 @@ class LocalCommands:
         limiter: ILimiter | None,
         reactor: Any,
         health: HealthChecker | None = None,
+        metrics: LocalMetrics | None = None,
     ):
         self.resource = resource
         self.limiter = limiter
         self.reactor = reactor
         self.health = health
+        self.metrics = (
+            metrics if metrics is not None else LocalMetrics(WorkerMetrics.of_resource(resource))
+        )
 
     def stats(self) -> Deferred[dict[str, Any]]:
+        """The one row; served, refused and upstream errors are the metrics' figures."""
         counters = self.resource.counters
+        counts = self.metrics.update().console_counts(LocalMetrics.SOURCE)
         row = {
             "worker": 1,
             "pid": os.getpid(),
-            "served": counters.served,
+            "served": counts.served,
             "in_flight": counters.in_flight,
-            "refused": counters.refused,
-            "upstream_errors": counters.upstream_errors,
+            "refused": counts.refused,
+            "upstream_errors": counts.upstream_errors,
             "uptime": self.reactor.seconds() - counters.started,
         }
-        tracked = len(self.limiter) if isinstance(self.limiter, SlidingWindowLimiter) else 0
+        tracked = local_clients(self.limiter)
         replicas = [
             {"state": state_name(self.health, row["upstream"]), **row}
             for row in self.resource.router.counts()
@@ -320,6 +405,29 @@ class LocalCommands:
 
     def shutdown(self) -> None:
         self.reactor.stop()
+
+
+def local_clients(limiter: ILimiter | None) -> int:
+    """The clients an in-process limiter tracks (none for another kind, or none at all)."""
+    return len(limiter) if isinstance(limiter, SlidingWindowLimiter) else 0
+
+
+def workers_ended(supervisor: Supervisor) -> Deferred[Any]:
+    """Fires once every worker running now has ended."""
+    ended: Deferred[Any] = gatherResults(
+        [worker.ended for worker in list(supervisor.workers.values())], consumeErrors=True
+    )
+    return ended
+
+
+def cluster_state(supervisor: Supervisor) -> ParentState:
+    """What the parent knows itself, for C{/metrics}."""
+    limiter = supervisor.limiter
+    return ParentState(
+        workers=len(supervisor.workers),
+        limiter_clients=0 if limiter is None else len(limiter),
+        upstream_up=upstream_up(supervisor.health),
+    )
 
 
 class ClusterCommands:
@@ -366,6 +474,16 @@ def make_service(
         supervisor = Supervisor(config, reactor, colour=use_colour())
         supervisor.access_log = access_log
         _ClusterExit(reactor).setServiceParent(top)  # type: ignore[no-untyped-call]
+        cluster_metrics = metrics_listener(
+            config,
+            reactor,
+            supervisor.metrics,
+            lambda: cluster_state(supervisor),
+            keep_until=lambda: workers_ended(supervisor),
+        )
+        if cluster_metrics is not None:
+            # Before the supervisor, so that its stop is asked for after the drain began.
+            cluster_metrics.setServiceParent(top)  # type: ignore[no-untyped-call]
         supervisor.setServiceParent(top)  # type: ignore[no-untyped-call]
         supervisor.health = health_checker(config, keys, reactor, supervisor.replica_state_changed)
         if supervisor.health is not None:
@@ -383,6 +501,18 @@ def make_service(
         health = health_checker(config, keys, reactor, resource.router.set_health)
         if health is not None:
             health.setServiceParent(top)  # type: ignore[no-untyped-call]
+        local_metrics = LocalMetrics(WorkerMetrics.of_resource(resource))
+        site.record_observers.append(local_metrics.worker.observe)
+        listener = metrics_listener(
+            config,
+            reactor,
+            local_metrics.totals,
+            lambda: ParentState(1, local_clients(limiter), upstream_up(health)),
+            local_metrics.update,
+        )
+        if listener is not None:
+            # Before the drain, so that it is stopped after it.
+            listener.setServiceParent(top)  # type: ignore[no-untyped-call]
         DrainService(site, config.grace, reactor).setServiceParent(top)  # type: ignore[no-untyped-call]
         if isinstance(limiter, SlidingWindowLimiter):
             SweepService(limiter, reactor).setServiceParent(top)
@@ -391,7 +521,7 @@ def make_service(
         # start-up (see GatewayService) instead of a gateway that serves nothing.
         server._raiseSynchronously = True
         server.setServiceParent(top)
-        commands = LocalCommands(resource, limiter, reactor, health)
+        commands = LocalCommands(resource, limiter, reactor, health, local_metrics)
     if console:
         # Added last, so that it is the first service stopped.
         console_service(commands, reactor, stdout=stdout).setServiceParent(top)

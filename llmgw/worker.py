@@ -19,10 +19,10 @@ import socket
 import sys
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.stdio import StandardIO
-from twisted.internet.task import deferLater
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import ILogObserver, Logger, eventAsText, globalLogBeginner
 from twisted.protocols import amp
 from twisted.python.failure import Failure
@@ -33,6 +33,7 @@ from llmgw.cluster import (
     AccessLogLines,
     Admit,
     AdmitExpired,
+    MetricsDelta,
     QuietAMP,
     RecordAdmission,
     ReleaseAdmission,
@@ -45,6 +46,7 @@ from llmgw.cluster import (
 from llmgw.health import decode_models
 from llmgw.keys import KeyRing
 from llmgw.logs import BatchedAccessLines
+from llmgw.metrics import SEND_INTERVAL, WorkerMetrics, encode_delta
 from llmgw.options import Config
 from llmgw.ratelimit import Decision, ILimiter, SlidingWindowLimiter
 from llmgw.site import GatewaySite
@@ -55,6 +57,9 @@ LISTENING_FD = 3
 
 #: Seconds a worker waits for the parent's admission before deciding alone.
 ADMIT_TIMEOUT = 1.0
+
+#: Seconds a draining worker waits for the parent to take its last metrics.
+FINAL_METRICS_TIMEOUT = 2.0
 
 
 @implementer(ILimiter)
@@ -160,14 +165,33 @@ class WorkerSide(QuietAMP):
     """What a worker answers the parent: its counters, and verbose on or off."""
 
     resource: GatewayResource | None = None
+    metrics: WorkerMetrics | None = None
 
     def __init__(self, on_parent_gone: Any) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.on_parent_gone = on_parent_gone
 
+    def send_metrics(self, always: bool = False) -> Deferred[None]:
+        """
+        Send the parent what the counts gained since the last delta; fire once
+        it has them all (or cannot: it is gone, and the counts with it).
+        """
+        delta = None if self.metrics is None else self.metrics.take_delta(always)
+        if delta is None or self.transport is None:
+            return succeed(None)
+        sent = [
+            self.callRemote(MetricsDelta, delta=text)  # type: ignore[no-untyped-call]
+            for text in encode_delta(delta)
+        ]
+        done: Deferred[Any] = gatherResults(sent, consumeErrors=True)
+        return done.addCallbacks(lambda _: None, lambda _: None)
+
     @WorkerStats.responder
     def stats(self) -> dict[str, Any]:
         assert self.resource is not None
+        # Sent ahead of this answer, in order on the same pipe: the parent's
+        # totals are current by the time it reads the answer.
+        self.send_metrics()
         counters = self.resource.counters
         return {
             "served": counters.served,
@@ -323,6 +347,10 @@ def serve(config: Config, colour: bool, reactor: Any) -> None:
     if config.access_log is not None:
         access_lines = BatchedAccessLines(reactor, lambda lines: send_access_lines(parent, lines))
         site.record_observers.append(access_lines.add_record)
+    parent.metrics = WorkerMetrics.of_resource(site.resource)
+    site.record_observers.append(parent.metrics.observe)
+    sending = LoopingCall(parent.send_metrics)
+    sending.clock = reactor
     family = socket.AF_INET6 if ":" in config.bindip else socket.AF_INET
     port = reactor.adoptStreamPort(LISTENING_FD, family, site)
     accept_a_few_at_a_time(port)
@@ -334,6 +362,13 @@ def serve(config: Config, colour: bool, reactor: Any) -> None:
     async def drain() -> None:
         await stop_accepting(port)
         await site.drain(config.grace)
+        if sending.running:
+            sending.stop()
+        # The last counts, and gauges at zero; waited for, so they are in
+        # the parent's totals before this process exits.
+        final = parent.send_metrics(always=True)
+        final.addTimeout(FINAL_METRICS_TIMEOUT, reactor)
+        await final.addErrback(lambda _: None)
         if access_lines is not None:
             access_lines.flush()
             # A turn of the reactor, for the pipe to the parent to take them.
@@ -341,6 +376,7 @@ def serve(config: Config, colour: bool, reactor: Any) -> None:
 
     reactor.addSystemEventTrigger("before", "shutdown", lambda: Deferred.fromCoroutine(drain()))
     StandardIO(parent, reactor=reactor)
+    sending.start(SEND_INTERVAL, now=False)
     reactor.run()
 
 

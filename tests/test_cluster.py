@@ -15,6 +15,7 @@ import sys
 import time
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, task
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone
@@ -36,6 +37,7 @@ from llmgw.mock import Behaviour
 from llmgw.options import Config
 from llmgw.ratelimit import SlidingWindowLimiter
 from tests.loopback import (
+    Reply,
     Upstream,
     chat_body,
     eventually,
@@ -275,6 +277,151 @@ class ClusterTests(TestCase):
         self.assertEqual(upstream.model.started, 1000)
         self.assertGreater(process.served_by(1), 0)
         self.assertGreater(process.served_by(2), 0)
+
+
+Samples = dict[str, dict[tuple[tuple[str, str], ...], float]]
+
+
+async def scrape(test: TestCase, port: int) -> Samples:
+    """C{GET /metrics}, parsed with prometheus_client's own parser."""
+    reply = await request(test, port, "GET", b"/metrics")
+    test.assertEqual(reply.status, 200, reply.body)
+    samples: Samples = {}
+    for family in text_string_to_metric_families(reply.body.decode()):
+        for sample in family.samples:
+            key = tuple(sorted(sample.labels.items()))
+            samples.setdefault(sample.name, {})[key] = sample.value
+    return samples
+
+
+def requests_counted(samples: Samples, route: str, code: str) -> float:
+    return samples.get("llmgw_requests_total", {}).get((("code", code), ("route", route)), 0.0)
+
+
+async def metrics_where(
+    test: TestCase, port: int, condition: Any, timeout: float = 15.0
+) -> Samples:
+    """Scrape until C{condition(samples)} holds (workers send deltas once a second)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = await scrape(test, port)
+        if condition(samples):
+            return samples
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the metrics never got there: {samples}")
+        await task.deferLater(reactor, 0.1, lambda: None)
+
+
+class MetricsTests(TestCase):
+    """C{--metrics-bind} with two real workers: the parent sums what they send."""
+
+    timeout = 120
+
+    async def start(self, upstream: Upstream, *arguments: str) -> tuple[GatewayProcess, int, int]:
+        metrics_port = free_port()
+        process, port = start_gateway_process(
+            self, upstream, "--metrics-bind", f"127.0.0.1:{metrics_port}", *arguments
+        )
+        await serving(self, process, port)
+        await eventually(lambda: len(process.worker_pids()) == 2, timeout=30)
+        return process, port, metrics_port
+
+    @inline
+    async def test_sums_over_two_workers(self) -> None:
+        upstream = start_upstream(self)
+        process, port, metrics_port = await self.start(upstream)
+        samples = await scrape(self, metrics_port)
+        self.assertEqual(samples["llmgw_workers"], {(): 2.0})
+        self.assertEqual(samples["llmgw_worker_restarts_total"], {(): 0.0})
+        self.assertEqual(list(samples["llmgw_build_info"].values()), [1.0])
+        self.assertNotIn("llmgw_upstream_up", samples, "a lone --aihost is never checked")
+        # The API port never serves the metrics.
+        reply = await request(self, port, "GET", b"/metrics")
+        self.assertEqual(reply.status, 404)
+        self.assertEqual(reply.json()["error"]["code"], "not_found")
+
+        # Twelve requests to each worker: the other is stopped while they are accepted.
+        slow = chat_body("slow", mock={"delay": 4.0})
+        replies: list[Deferred[Reply]] = []
+        pids = process.worker_pids()
+        for stopped in (2, 1):
+            os.kill(pids[stopped], signal.SIGSTOP)
+            self.addCleanup(_kill, pids[stopped], signal.SIGCONT)
+            replies += [Deferred.fromCoroutine(request(self, port, body=slow)) for _ in range(12)]
+            sent = len(replies)
+            await eventually(lambda: upstream.model.started == sent, timeout=30)  # noqa: B023
+            os.kill(pids[stopped], signal.SIGCONT)
+        origin = f"https://localhost:{upstream.port}"
+        samples = await metrics_where(
+            self, metrics_port, lambda s: s["llmgw_requests_in_flight"] == {(): 24.0}
+        )
+        self.assertEqual(samples["llmgw_upstream_in_flight"], {(("upstream", origin),): 24.0})
+        self.assertEqual(samples["llmgw_limiter_clients"], {(): 1.0})
+        results = await defer.gatherResults(replies, consumeErrors=True)
+        self.assertEqual([r.status for r in results], [200] * 24)
+        # The 24 in flight were summed over both workers.
+        await eventually(lambda: process.served_by(1) + process.served_by(2) == 24)
+        self.assertEqual((process.served_by(1), process.served_by(2)), (12, 12))
+        await metrics_where(
+            self, metrics_port, lambda s: s["llmgw_requests_in_flight"] == {(): 0.0}
+        )
+        chat = "/v1/chat/completions"
+        samples = await metrics_where(
+            self, metrics_port, lambda s: requests_counted(s, chat, "200") == 24
+        )
+        self.assertEqual(requests_counted(samples, "/metrics", "404"), 0)
+        self.assertEqual(requests_counted(samples, "other", "404"), 1)
+        self.assertEqual(samples["llmgw_request_duration_seconds_count"][(("route", chat),)], 24.0)
+        self.assertEqual(
+            samples["llmgw_upstream_requests_total"],
+            {(("outcome", "ok"), ("upstream", origin)): 24.0},
+        )
+
+    @inline
+    async def test_killed_worker(self) -> None:
+        """A worker killed: the totals keep its counts, its gauges go, the restart is counted."""
+        upstream = start_upstream(self)
+        process, port, metrics_port = await self.start(upstream)
+        statuses = await many(self, port, 20, 4, chat_body())
+        self.assertEqual(statuses, [200] * 20)
+        chat = "/v1/chat/completions"
+        await metrics_where(self, metrics_port, lambda s: requests_counted(s, chat, "200") == 20)
+        old = process.worker_pids()[1]
+        os.kill(old, signal.SIGKILL)
+        samples = await metrics_where(
+            self, metrics_port, lambda s: s["llmgw_worker_restarts_total"] == {(): 1.0}
+        )
+        self.assertEqual(requests_counted(samples, chat, "200"), 20)
+        await eventually(lambda: process.worker_pids()[1] != old, timeout=10)
+        await metrics_where(self, metrics_port, lambda s: s["llmgw_workers"] == {(): 2.0})
+        await many(self, port, 10, 4, chat_body())
+        samples = await metrics_where(
+            self, metrics_port, lambda s: requests_counted(s, chat, "200") == 30
+        )
+        self.assertEqual(samples["llmgw_worker_restarts_total"], {(): 1.0})
+
+    @inline
+    async def test_metrics_served_through_the_drain(self) -> None:
+        """
+        A stop drains every worker; /metrics answers until they have ended,
+        so a scrape sees the drain, and the workers' last counts with it.
+        """
+        upstream = start_upstream(self)
+        process, port, metrics_port = await self.start(upstream, "--grace", "20")
+        slow = chat_body("slow", mock={"delay": 3.0})
+        replies = [Deferred.fromCoroutine(request(self, port, body=slow)) for _ in range(4)]
+        await eventually(lambda: upstream.model.started == 4, timeout=30)
+        os.kill(process_pid(process), signal.SIGTERM)
+        await eventually(lambda: "Stopping 2 workers" in process.text(), timeout=10)
+        await metrics_where(
+            self, metrics_port, lambda s: s["llmgw_requests_in_flight"] == {(): 4.0}
+        )
+        self.assertFalse(any(reply.called for reply in replies))
+        results = await defer.gatherResults(replies, consumeErrors=True)
+        self.assertEqual([r.status for r in results], [200] * 4)
+        self.assertEqual(await process.ended, 0, process.text())
+        self.assertNotIn("Traceback", process.text())
+        self.assertNotIn("metrics delta", process.text())
 
 
 def process_pid(process: GatewayProcess) -> int:
@@ -522,6 +669,7 @@ class ConsoleProcessTests(TestCase):
         self.assertEqual(reply.status, 200)
         process.write(b"stats\r")
         await session.wait_for("tracked clients: 1")
+        # The figures are the metrics' totals, which count finished records.
         self.assertRegex(session.text(), r"total\s+1\s+0\s+0\s+0")
         process.write(b"verbose on\r")
         await session.wait_for("verbose logging on")
@@ -562,4 +710,61 @@ class BackoffTests(SynchronousTestCase):
         supervisor.worker_ended(worker, Failure(ProcessTerminated(signal=9)))
         (restart,) = clock.getDelayedCalls()
         self.assertEqual(restart.getTime(), clock.seconds())
+        self.flushLoggedErrors()
+
+
+class StatsFromTotalsTests(SynchronousTestCase):
+    """The console's served, refused and upstream errors are the metrics' totals."""
+
+    def test_rows_and_ended_workers(self) -> None:
+        from twisted.internet.error import ProcessTerminated
+        from twisted.internet.testing import MemoryReactorClock
+
+        from llmgw.cluster import Supervisor, WorkerProcess
+
+        clock = MemoryReactorClock()
+        supervisor = Supervisor(Config(workers=2), clock, colour=False)
+        supervisor.spawn = lambda number: None  # type: ignore[method-assign]
+        live, dead = WorkerProcess(supervisor, 1), WorkerProcess(supervisor, 2)
+        supervisor.workers.update({1: live, 2: dead})
+        requests = {
+            "counters": {
+                "requests_total": [
+                    [["/v1/chat/completions", "200"], 5],
+                    [["/v1/chat/completions", "429"], 2],
+                    [["/v1/chat/completions", "504"], 1],
+                ],
+                "rejected_total": [[["rate_limit"], 2]],
+            }
+        }
+        for worker in (live, dead):
+            worker.amp.metrics_delta(json.dumps(requests))
+        supervisor.worker_ended(dead, Failure(ProcessTerminated(signal=9)))
+        # What a worker answers: its own counters, which the totals' figures replace.
+        answer = {
+            "served": 0,
+            "in_flight": 1,
+            "refused": 0,
+            "upstream_errors": 0,
+            "uptime": 3.0,
+            "replicas": "[]",
+        }
+        live.amp.callRemote = lambda command: defer.succeed(dict(answer))  # type: ignore[method-assign, misc]
+        stats = self.successResultOf(Deferred.fromCoroutine(supervisor.stats()))
+        self.assertEqual(
+            stats["workers"],
+            [
+                {
+                    "worker": 1,
+                    "pid": None,
+                    "served": 8,
+                    "in_flight": 1,
+                    "refused": 2,
+                    "upstream_errors": 1,
+                    "uptime": 3.0,
+                },
+                {"worker": "ended", "pid": None, "served": 8, "refused": 2, "upstream_errors": 1},
+            ],
+        )
+        self.assertEqual(supervisor.metrics.worker_restarts, 1)
         self.flushLoggedErrors()

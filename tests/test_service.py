@@ -11,6 +11,7 @@ import socket
 import sys
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock
@@ -18,17 +19,19 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 import llmgw
-from llmgw.cluster import Supervisor
+from llmgw.cluster import Supervisor, WorkerProcess
 from llmgw.health import HealthChecker
 from llmgw.keys import KeyRing
 from llmgw.logs import AccessLogFile
 from llmgw.options import Config, Options
 from llmgw.ratelimit import SlidingWindowLimiter
+from llmgw.record import RequestRecord
 from llmgw.service import (
     AccessLogService,
     DrainService,
     KeyReloadService,
     LocalCommands,
+    MetricsListener,
     StartupFailure,
     SweepService,
     cannot_listen_message,
@@ -37,8 +40,17 @@ from llmgw.service import (
     refuse_to_start,
 )
 from llmgw.site import GatewaySite
-from tests.loopback import eventually, inline, reactor
+from tests.loopback import (
+    eventually,
+    free_port,
+    gateway_config,
+    inline,
+    reactor,
+    request,
+    start_upstream,
+)
 from tests.test_keys import capture_events
+from tests.test_logs import finished_record
 
 
 class WiringTests(SynchronousTestCase):
@@ -117,6 +129,97 @@ class WiringTests(SynchronousTestCase):
         self.assertEqual(len(list(top)), 4)
 
 
+class MetricsWiringTests(SynchronousTestCase):
+    def test_off_unless_asked(self) -> None:
+        for workers in (1, 2):
+            top = make_service(Config(workers=workers), MemoryReactorClock(), console=False)
+            self.assertNotIn(MetricsListener, [type(s) for s in top])
+
+    def test_in_process_listener_outlives_the_drain(self) -> None:
+        """Added before the drain, so that MultiService stops it after the drain began."""
+        config = Config(workers=1, metrics_bind="[::1]:9464")
+        kinds = [type(s) for s in make_service(config, MemoryReactorClock(), console=False)]
+        self.assertLess(kinds.index(MetricsListener), kinds.index(DrainService))
+
+    def test_parent_listener_waits_for_the_workers(self) -> None:
+        clock = MemoryReactorClock()
+        top = make_service(Config(workers=2, metrics_bind="127.0.0.1:9464"), clock, console=False)
+        kinds = [type(s) for s in top]
+        self.assertLess(kinds.index(MetricsListener), kinds.index(Supervisor))
+        (listener,) = [s for s in top if isinstance(s, MetricsListener)]
+        (supervisor,) = [s for s in top if isinstance(s, Supervisor)]
+        listener.privilegedStartService()
+        self.assertEqual(clock.tcpServers[0][0:1], (9464,))
+        self.assertEqual(clock.tcpServers[0][3], "127.0.0.1")
+        worker = WorkerProcess(supervisor, 1)
+        supervisor.workers[1] = worker
+        stopped = listener.stopService()
+        self.assertNoResult(stopped)
+        worker.ended.callback(None)
+        self.successResultOf(stopped)
+
+
+class MetricsInProcessTests(TestCase):
+    """One worker: the process holds its own totals and serves them on --metrics-bind."""
+
+    timeout = 30
+
+    @inline
+    async def test_served_on_its_own_port_only(self) -> None:
+        upstream = start_upstream(self)
+        api_port, metrics_port = free_port(), free_port()
+        config = gateway_config(
+            upstream, workers=1, bindport=api_port, metrics_bind=f"127.0.0.1:{metrics_port}"
+        )
+        top = make_service(config, reactor)
+        console = list(top)[-1]
+        console.disownServiceParent()  # its commands are used, not a terminal
+        top.privilegedStartService()
+        top.startService()
+        self.addCleanup(top.stopService)
+        reply = await request(self, api_port, "GET", b"/metrics")
+        self.assertEqual(reply.status, 404)
+        self.assertEqual(reply.json()["error"]["code"], "not_found")
+        (server,) = [
+            s
+            for s in top
+            if isinstance(s, StreamServerEndpointService) and not isinstance(s, MetricsListener)
+        ]
+        site = server.factory
+        assert isinstance(site, GatewaySite)
+        # What the request path hands its observers for every request it finishes.
+        finished = RequestRecord(
+            "r1", 0.0, "127.0.0.1", "POST", "/v1/chat/completions", status=502, finished=0.25
+        )
+        for observer in site.record_observers:
+            observer(finished)
+        reply = await request(self, metrics_port, "GET", b"/metrics")
+        self.assertEqual(reply.status, 200)
+        self.assertTrue(
+            reply.header(b"content-type").startswith(b"text/plain; version="),  # type: ignore[union-attr]
+        )
+        samples = {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(reply.body.decode())
+            for sample in family.samples
+        }
+        chat = ("route", "/v1/chat/completions")
+        self.assertEqual(samples[("llmgw_requests_total", (("code", "502"), chat))], 1.0)
+        self.assertEqual(samples[("llmgw_request_duration_seconds_sum", (chat,))], 0.25)
+        self.assertEqual(samples[("llmgw_workers", ())], 1.0)
+        self.assertEqual(samples[("llmgw_requests_in_flight", ())], 0.0)
+        self.assertEqual(samples[("llmgw_worker_restarts_total", ())], 0.0)
+        reply = await request(self, metrics_port, "GET", b"/v1/models")
+        self.assertEqual((reply.status, reply.body), (404, b"Not Found: metrics are at /metrics\n"))
+        # The console's figures are the same totals'.
+        stats = await console.commands.stats()
+        (row,) = stats["workers"]
+        # Every response counted, the 404 above too once the request path records it.
+        responses = sum(v for (name, _), v in samples.items() if name == "llmgw_requests_total")
+        self.assertIn(responses, (1.0, 2.0))
+        self.assertEqual((row["served"], row["refused"], row["upstream_errors"]), (responses, 0, 1))
+
+
 class ExitStatusTests(SynchronousTestCase):
     def test_graceful_stop_exits_zero(self) -> None:
         clock = MemoryReactorClock()
@@ -157,10 +260,9 @@ class AccessLogWiringTests(SynchronousTestCase):
         assert isinstance(site, GatewaySite)
         [reload] = [s for s in services if isinstance(s, KeyReloadService)]
         self.assertIs(reload.access_log, services[0].access_log)
-        self.assertEqual(len(site.record_observers), 1)
-        from tests.test_logs import finished_record
-
-        site.record_observers[0](finished_record())
+        self.assertEqual(len(site.record_observers), 2)  # the access log, and the metrics
+        for observer in site.record_observers:
+            observer(finished_record())
         clock.advance(0)
         self.assertEqual(Path(path).read_text().count('"request_id":"0123456789ab00000007"'), 1)
 
@@ -324,6 +426,21 @@ class BusyPortTests(TestCase):
 
     def test_workers(self) -> None:
         self.start_on_busy_port(2)
+
+    def test_metrics_port(self) -> None:
+        """A --metrics-bind port in use: one line naming that flag."""
+        port = occupied_port(self)
+        path = self.mktemp()
+        stream = open(path, "w")
+        self.addCleanup(stream.close)
+        self.patch(sys, "__stderr__", stream)
+        for workers in (1, 2):
+            config = Config(workers=workers, bindport=free_port(), metrics_bind=f"127.0.0.1:{port}")
+            top = make_service(config, reactor, console=False)
+            self.assertRaises(StartupFailure, top.privilegedStartService)
+        self.assertEqual(
+            Path(path).read_text(), f"--metrics-bind 127.0.0.1:{port}: address already in use\n" * 2
+        )
 
 
 TWISTD = "from twisted.scripts.twistd import run; run()"
