@@ -547,11 +547,12 @@ class UnavailableErrorTests(SynchronousTestCase):
 class WiringTests(SynchronousTestCase):
     """make_service puts the store in front of the embedded limiter, in either mode."""
 
-    def setUp(self) -> None:
+    def needs_txredisapi(self) -> None:
         if txredisapi is None:
             raise SkipTest("txredisapi is not installed (pip install 'llmgw[redis]')")
 
     def test_one_worker(self) -> None:
+        self.needs_txredisapi()
         config = Config(workers=1, rate_store="unix:///nonexistent/redis.sock?db=0")
         top = make_service(config, MemoryReactorClock(), console=False)
         stores = [s for s in top if isinstance(s, RateStoreService)]
@@ -559,6 +560,7 @@ class WiringTests(SynchronousTestCase):
         self.assertEqual(stores[0].limiter.name, "unix:///nonexistent/redis.sock?db=0")
 
     def test_workers(self) -> None:
+        self.needs_txredisapi()
         from llmgw.cluster import Supervisor
 
         config = Config(workers=2, rate_store="redis://127.0.0.1:1/0")
