@@ -829,6 +829,26 @@ class RedisIntegrationTests(TestCase):
         self.assertEqual([d.remaining for d in shared], [999, 998, 997, 996])
 
     @inline
+    async def test_fallback_policies_over_http(self) -> None:
+        """Redis gone: closed answers 503 with Retry-After, open admits; never a 500."""
+        server = await self.server()
+        upstream = start_upstream(self)
+        ports = {}
+        for policy in ("closed", "open"):
+            limiter = await self.host(server, limit=1, window=60, policy=policy)
+            config = gateway_config(upstream, rate_limit=1, rate_window=60)
+            ports[policy] = start_gateway(self, config, limiter=limiter).port
+        await server.kill()
+        closed = await request(self, ports["closed"], body=chat_body())
+        self.assertEqual(closed.status, 503)
+        self.assertEqual(closed.header(b"Retry-After"), b"1")
+        self.assertEqual(closed.json()["error"]["code"], "rate_limiter_unavailable")
+        self.assertIsNone(closed.header(b"RateLimit"))
+        opened = [await request(self, ports["open"], body=chat_body()) for _ in range(3)]
+        self.assertEqual([r.status for r in opened], [200, 200, 200])
+        self.assertEqual(opened[0].header(b"x-ratelimit-remaining-requests"), b"0")
+
+    @inline
     async def test_two_gateway_processes_share_one_limit(self) -> None:
         """Two real llmgw processes, two workers each: their parents ask one Redis."""
         server = await self.server()
