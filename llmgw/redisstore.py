@@ -35,7 +35,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from llmgw import errors
-from llmgw.options import RateStoreAddress
+from llmgw.options import RateStoreAddress, rate_store_address
 from llmgw.ratelimit import Decision, ILimiter, SlidingWindowLimiter
 
 if TYPE_CHECKING:
@@ -279,10 +279,9 @@ class RedisSlidingWindowLimiter:
         if redis is None or not redis.connected:
             self._failed(now, "not connected")
             return self._fallback_decides(key)
-        budget = self.timeout
-        deadline_first = deadline is not None and deadline - now < budget
-        if deadline is not None and deadline_first:
-            budget = deadline - now
+        budget, deadline_first = self.timeout, False
+        if deadline is not None and deadline - now < budget:
+            budget, deadline_first = deadline - now, True
         receipt = self._next_receipt(now)
         name, member = redis_key(key), self._member(receipt)
         result: Deferred[Admission] = Deferred()
@@ -576,8 +575,6 @@ def shared_limiter(
     Raises L{ImportError} naming the extra without txredisapi, and L{OSError}
     for an unreadable password file: start-up errors, for the caller to report.
     """
-    from llmgw.options import rate_store_address
-
     assert config.rate_store is not None
     require_txredisapi()
     address = rate_store_address(config.rate_store)
