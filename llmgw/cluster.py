@@ -39,7 +39,13 @@ from llmgw.health import HealthChecker, Models, encode_models, state_name
 from llmgw.logs import AccessLogFile
 from llmgw.metrics import MetricsTotals
 from llmgw.options import Config
-from llmgw.ratelimit import SlidingWindowLimiter
+from llmgw.ratelimit import Decision, SlidingWindowLimiter
+from llmgw.redisstore import (
+    Admission,
+    DeadlinePassed,
+    RateStoreUnavailable,
+    RedisSlidingWindowLimiter,
+)
 from llmgw.routing import COUNTS
 
 log = Logger()
@@ -78,7 +84,10 @@ class Admit(amp.Command):
         (b"reset", amp.Integer()),
         (b"admitted_at", amp.Float(optional=True)),
     ]
-    errors: ClassVar = {AdmitExpired: b"EXPIRED"}
+    errors: ClassVar = {
+        AdmitExpired: b"EXPIRED",
+        RateStoreUnavailable: b"RATE_STORE_UNAVAILABLE",
+    }
 
 
 class RecordAdmission(amp.Command):
@@ -267,29 +276,43 @@ class ParentSide(QuietAMP):
         limiter: SlidingWindowLimiter | None,
         metrics: MetricsTotals | None = None,
         source: object = None,
+        rate_store: RedisSlidingWindowLimiter | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.limiter = limiter
         self.metrics = metrics
         self.source = source if source is not None else self
+        self.rate_store = rate_store
 
     @Admit.responder
-    def admit(self, key: str, deadline: float | None = None) -> dict[str, Any]:
+    def admit(self, key: str, deadline: float | None = None) -> Any:
+        """The answer, at once from the embedded limiter; a Deferred of it from a rate store."""
         if self.limiter is None:
             raise amp.RemoteAmpError(b"NO_LIMITER", "rate limiting is off")
+        if self.rate_store is not None:
+            return self._admit_by_rate_store(key, deadline)
         if deadline is not None and self.limiter.clock.seconds() >= deadline:
             raise AdmitExpired()
         decision = self.limiter.decide(key)
-        answer: dict[str, Any] = {
-            "allowed": decision.allowed,
-            "limit": decision.limit,
-            "window": decision.window,
-            "remaining": decision.remaining,
-            "reset": decision.reset,
-        }
-        if decision.allowed:
-            answer["admitted_at"] = self.limiter.newest(key)
-        return answer
+        return _admit_answer(decision, self.limiter.newest(key) if decision.allowed else None)
+
+    def _admit_by_rate_store(self, key: str, deadline: float | None) -> Deferred[dict[str, Any]]:
+        """
+        The shared limiter answers asynchronously, within its own timeout and
+        the worker's deadline: a question it could not answer in time is
+        void, as for the embedded limiter, and nothing counts for it.
+        """
+        assert self.rate_store is not None
+
+        def expired(failure: Failure) -> Failure:
+            failure.trap(DeadlinePassed)
+            return Failure(AdmitExpired())
+
+        def answer(admission: Admission) -> dict[str, Any]:
+            return _admit_answer(admission.decision, admission.receipt)
+
+        decided = self.rate_store.decide(key, deadline)
+        return decided.addCallbacks(answer, expired)
 
     @AccessLogLines.responder
     def access_log_lines(self, lines: str) -> dict[str, Any]:
@@ -299,13 +322,17 @@ class ParentSide(QuietAMP):
 
     @RecordAdmission.responder
     def record_admission(self, key: str, at: float) -> dict[str, Any]:
-        if self.limiter is not None:
+        if self.rate_store is not None:
+            self.rate_store.record(key, at)
+        elif self.limiter is not None:
             self.limiter.record(key, at)
         return {}
 
     @ReleaseAdmission.responder
     def release_admission(self, key: str, at: float) -> dict[str, Any]:
-        if self.limiter is not None:
+        if self.rate_store is not None:
+            self.rate_store.release(key, at)
+        elif self.limiter is not None:
             self.limiter.release(key, at)
         return {}
 
@@ -316,13 +343,28 @@ class ParentSide(QuietAMP):
         return {}
 
 
+def _admit_answer(decision: Decision, admitted_at: float | None) -> dict[str, Any]:
+    answer: dict[str, Any] = {
+        "allowed": decision.allowed,
+        "limit": decision.limit,
+        "window": decision.window,
+        "remaining": decision.remaining,
+        "reset": decision.reset,
+    }
+    if admitted_at is not None:
+        answer["admitted_at"] = admitted_at
+    return answer
+
+
 class WorkerProcess(ProcessProtocol):
     """The parent's handle on one worker: its AMP channel and its log lines."""
 
     def __init__(self, supervisor: Supervisor, number: int) -> None:
         self.supervisor = supervisor
         self.number = number
-        self.amp = ParentSide(supervisor.limiter, supervisor.metrics, self)
+        self.amp = ParentSide(
+            supervisor.limiter, supervisor.metrics, self, rate_store=supervisor.rate_store
+        )
         self.amp.access_log = supervisor.access_log
         self.started = supervisor.reactor.seconds()
         self.ended: Deferred[None] = Deferred()
@@ -391,6 +433,7 @@ class Supervisor(Service):
         )
         self.workers: dict[int, WorkerProcess] = {}
         self.metrics = MetricsTotals()
+        self.rate_store: RedisSlidingWindowLimiter | None = None
         self.health: HealthChecker | None = None
         self.access_log: AccessLogFile | None = None
         self.socket: socket.socket | None = None

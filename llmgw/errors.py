@@ -166,6 +166,22 @@ def rate_limited(limit: int, window: int, retry_after: int) -> ApiError:
     )
 
 
+def rate_store_unavailable(retry_after: int) -> ApiError:
+    """
+    A 503: the shared limiter cannot be reached and C{--rate-store-fallback
+    closed} says to admit no one rather than count alone.
+    """
+    return ApiError(
+        503,
+        "The rate limiter cannot be reached, so no request is admitted for now. "
+        f"Retry after {retry_after} seconds.",
+        API_ERROR,
+        None,
+        "rate_limiter_unavailable",
+        ((b"Retry-After", b"%d" % (retry_after,)),),
+    )
+
+
 def not_ready(detail: str) -> ApiError:
     return ApiError(503, f"Not ready: {detail}", API_ERROR, None, "upstream_unavailable")
 

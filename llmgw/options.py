@@ -66,6 +66,11 @@ class Config:
     """C{--access-log}: the file of JSON access lines, or L{None} for none."""
     metrics_bind: str | None = None
     """C{HOST:PORT} (C{[::1]:PORT} for IPv6) of the parent's C{/metrics}; off when L{None}."""
+    rate_store: str | None = None
+    """The shared limiter's Redis, as C{redis://host:port/db} or C{unix:///path?db=N}."""
+    rate_store_password_file: str | None = None
+    rate_store_timeout: float = 0.25
+    rate_store_fallback: str = "local"
 
     @property
     def upstream_base(self) -> bytes:
@@ -144,6 +149,95 @@ def _host_port(value: str) -> str:
     except ValueError as e:
         raise ValueError(f"{value!r}: {e}") from None
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@attrs.frozen
+class RateStoreAddress:
+    """Where the shared limiter's Redis listens: a TCP host and port, or a Unix socket."""
+
+    host: str | None
+    port: int
+    path: str | None
+    db: int
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return f"unix://{self.path}?db={self.db}"
+        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
+        return f"redis://{host}:{self.port}/{self.db}"
+
+
+#: The fallback policies of C{--rate-store-fallback}, the default first.
+RATE_STORE_FALLBACKS = ("local", "open", "closed")
+
+#: A worker stops waiting for the parent's admission after this many seconds
+#: (L{llmgw.worker.ADMIT_TIMEOUT}); a Redis decision must end well before.
+_WORKER_ADMIT_SECONDS = 1.0
+
+
+def rate_store_address(url: str) -> RateStoreAddress:
+    """
+    The address in a C{--rate-store} URL, checked.
+
+    A password is refused, not used: a URL is on the command line, where
+    C{ps} shows it to every user; C{--rate-store-password-file} is not.  The
+    messages never repeat the URL, for the same reason.
+    """
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    if parts.password is not None or parts.username is not None or "@" in parts.netloc:
+        raise ValueError(
+            "the URL holds credentials; put the password in --rate-store-password-file"
+        )
+    if scheme == "unix":
+        if parts.netloc or parts.fragment or not parts.path.startswith("/"):
+            raise ValueError("give a Unix socket as unix:///absolute/path/redis.sock[?db=N]")
+        return RateStoreAddress(None, 0, parts.path, _rate_store_db(parts.query, query=True))
+    if scheme != "redis":
+        raise ValueError("give it as redis://host[:port][/db] or unix:///path/redis.sock[?db=N]")
+    if parts.query or parts.fragment:
+        raise ValueError("a redis:// URL takes no query; give the database as redis://host/N")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        raise ValueError("the port is not a number from 1 to 65535") from None
+    if not host or any(c in host for c in "[] \t/"):
+        raise ValueError("the host is missing or malformed (put IPv6 addresses in brackets)")
+    if port == 0:
+        raise ValueError("the port is not a number from 1 to 65535")
+    return RateStoreAddress(host, port or 6379, None, _rate_store_db(parts.path, query=False))
+
+
+def _rate_store_db(text: str, *, query: bool) -> int:
+    if query:
+        if not text:
+            return 0
+        name, _, value = text.partition("=")
+        if name != "db" or not value:
+            raise ValueError("the only query a unix:// URL takes is ?db=N")
+    else:
+        value = text.removeprefix("/")
+        if not value:
+            return 0
+    if not value.isdigit() or len(value) > 5:
+        raise ValueError(f"the database {value!r} is not a number from 0 up")
+    return int(value)
+
+
+def _rate_store_fallback(value: str) -> str:
+    if value not in RATE_STORE_FALLBACKS:
+        raise ValueError(f"{value!r} is not a policy; use local, open or closed")
+    return value
+
+
+def _rate_store_timeout(value: str) -> float:
+    seconds = _seconds(value)
+    if seconds >= _WORKER_ADMIT_SECONDS:
+        raise ValueError(
+            f"{value} is too long: a worker stops waiting for an admission after "
+            f"{_WORKER_ADMIT_SECONDS:g} s; use less"
+        )
+    return seconds
 
 
 def _port(value: str) -> int:
@@ -315,6 +409,29 @@ class Options(usage.Options):
             "off unless given.",
             _host_port,
         ],
+        [
+            "rate-store",
+            None,
+            None,
+            "Share the limit between hosts through Redis: redis://host[:port][/db] or "
+            "unix:///path/redis.sock[?db=N] (default: each host counts alone).",
+        ],
+        ["rate-store-password-file", None, None, "File holding the --rate-store's password."],
+        [
+            "rate-store-timeout",
+            None,
+            0.25,
+            "Seconds one --rate-store decision may take before the fallback decides.",
+            _rate_store_timeout,
+        ],
+        [
+            "rate-store-fallback",
+            None,
+            "local",
+            "While the --rate-store cannot be reached: local (this host's own limit), "
+            "open (admit) or closed (503).",
+            _rate_store_fallback,
+        ],
     ]
 
     def __init__(self) -> None:
@@ -462,6 +579,7 @@ class Options(usage.Options):
                 "host alone, with the port in --aihostport and the scheme in --aischeme"
             )
         workers = self["workers"] if self["workers"] is not None else (os.cpu_count() or 1)
+        rate_store = self._rate_store()
         return Config(
             bindip=self["bindip"],
             bindport=self["bindport"],
@@ -493,4 +611,29 @@ class Options(usage.Options):
             retries=self["retries"],
             access_log=access_log,
             metrics_bind=self["metrics-bind"],
+            rate_store=rate_store,
+            rate_store_password_file=self["rate-store-password-file"],
+            rate_store_timeout=self["rate-store-timeout"],
+            rate_store_fallback=self["rate-store-fallback"],
         )
+
+    def _rate_store(self) -> str | None:
+        """The C{--rate-store} URL in its canonical form, after checking its flags."""
+        password_file = self["rate-store-password-file"]
+        if self["rate-store"] is None:
+            if password_file is not None:
+                raise usage.UsageError("--rate-store-password-file needs --rate-store")
+            return None
+        try:
+            address = rate_store_address(self["rate-store"])
+        except ValueError as e:
+            raise usage.UsageError(f"--rate-store: {e}") from None
+        if not self["rate-limit"]:
+            raise usage.UsageError("--rate-store needs limiting on: --rate-limit above 0")
+        if password_file is not None and not (
+            os.path.isfile(password_file) and os.access(password_file, os.R_OK)
+        ):
+            raise usage.UsageError(
+                f"--rate-store-password-file {password_file!r}: no such readable file"
+            )
+        return str(address)

@@ -47,6 +47,7 @@ from llmgw.ratelimit import ILimiter, SlidingWindowLimiter
 
 if TYPE_CHECKING:
     from llmgw.cluster import Supervisor
+    from llmgw.redisstore import RedisSlidingWindowLimiter
 from llmgw.site import GatewaySite
 from llmgw.upstream import UpstreamClient
 
@@ -88,6 +89,29 @@ def local_limiter(config: Config, clock: IReactorTime) -> ILimiter | None:
     if config.rate_limit == 0:
         return None
     return SlidingWindowLimiter(config.rate_limit, config.rate_window, clock)
+
+
+def shared_rate_store(
+    config: Config, reactor: Any, fallback: ILimiter | None, parent: MultiService
+) -> RedisSlidingWindowLimiter | None:
+    """
+    With C{--rate-store}, the limiter shared with other hosts through Redis,
+    its connection started with C{parent}; C{fallback}, the embedded limiter,
+    decides while Redis cannot.  A missing txredisapi or an unreadable
+    password file ends start-up, in one line.
+    """
+    if config.rate_store is None or not isinstance(fallback, SlidingWindowLimiter):
+        return None
+    from llmgw.redisstore import shared_limiter
+
+    try:
+        limiter, connection = shared_limiter(config, reactor, fallback)
+    except ImportError as e:
+        refuse_to_start(str(e))
+    except OSError as e:
+        refuse_to_start(f"--rate-store-password-file: {e.strerror or e}")
+    connection.setServiceParent(parent)
+    return limiter
 
 
 def listening_endpoint(config: Config, reactor: IReactorTCP, backlog: int = 1024) -> Any:
@@ -488,13 +512,15 @@ def make_service(
         supervisor.health = health_checker(config, keys, reactor, supervisor.replica_state_changed)
         if supervisor.health is not None:
             supervisor.health.setServiceParent(top)  # type: ignore[no-untyped-call]
+        supervisor.rate_store = shared_rate_store(config, reactor, supervisor.limiter, top)
         if supervisor.limiter is not None:
             SweepService(supervisor.limiter, reactor).setServiceParent(top)  # type: ignore[no-untyped-call]
         commands: ConsoleCommands = ClusterCommands(supervisor, reactor)
     else:
         KeyReloadService(keys, reactor, access_log).setServiceParent(top)  # type: ignore[no-untyped-call]
         limiter = local_limiter(config, reactor)
-        site = build_site(config, reactor, limiter, keys)
+        shared = shared_rate_store(config, reactor, limiter, top)
+        site = build_site(config, reactor, limiter if shared is None else shared, keys)
         if access_lines is not None:
             site.record_observers.append(access_lines.add_record)
         resource = cast(GatewayResource, site.resource)

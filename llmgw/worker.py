@@ -43,12 +43,14 @@ from llmgw.cluster import (
     access_log_chunks,
     config_from_json,
 )
+from llmgw.errors import rate_store_unavailable
 from llmgw.health import decode_models
 from llmgw.keys import KeyRing
 from llmgw.logs import BatchedAccessLines
 from llmgw.metrics import SEND_INTERVAL, WorkerMetrics, encode_delta
 from llmgw.options import Config
 from llmgw.ratelimit import Decision, ILimiter, SlidingWindowLimiter
+from llmgw.redisstore import RateStoreUnavailable
 from llmgw.site import GatewaySite
 
 log = Logger()
@@ -121,6 +123,13 @@ class RemoteLimiter:
                 if not result.called:
                     timer.cancel()
                     result.callback(self._fallback_decides(key))
+            elif failure.check(RateStoreUnavailable):
+                # --rate-store-fallback closed: the parent answered, with a 503.
+                self._parent_answers()
+                if not result.called:
+                    timer.cancel()
+                    retry_after = failure.value.retry_after  # type: ignore[union-attr]
+                    result.errback(rate_store_unavailable(retry_after))
             elif not result.called:
                 timer.cancel()
                 self._give_up(result, key, failure.getErrorMessage())
