@@ -1000,7 +1000,7 @@ def http_section(
 
     python, path = args.gateway_python, args.gateway_path
 
-    def seen(name: str) -> list[str]:
+    def observed(name: str) -> list[str]:
         return observability(python, path, workdir, name)
 
     gateway = start_gateway(
@@ -1011,7 +1011,7 @@ def http_section(
         "gateway",
         nginx_port,
         100_000_000,
-        extra=seen("gateway"),
+        extra=observed("gateway"),
     )
     nolimit = start_gateway(
         processes,
@@ -1021,19 +1021,19 @@ def http_section(
         "gateway, limiter off",
         nginx_port,
         0,
-        extra=seen("gateway-nolimit"),
+        extra=observed("gateway-nolimit"),
     )
 
     # Issue 11: the same gateway without --metrics-bind and --access-log (the
     # workers count all the same; only the listener and the file go).
-    unseen: list[System] = []
+    observability_off: list[System] = []
     if gateway_has(python, path, *OBSERVABILITY_FLAGS):
-        unseen.append(
+        observability_off.append(
             start_gateway(
                 processes,
                 args,
                 workdir,
-                "gateway-unseen",
+                "gateway-observability-off",
                 "gateway, metrics and access log off",
                 nginx_port,
                 100_000_000,
@@ -1061,7 +1061,7 @@ def http_section(
                 "gateway, Redis limiter",
                 nginx_port,
                 100_000_000,
-                extra=[*seen("gateway-redis"), "--rate-store", f"unix://{redis_path}"],
+                extra=[*observed("gateway-redis"), "--rate-store", f"unix://{redis_path}"],
             )
         )
     else:
@@ -1092,7 +1092,7 @@ def http_section(
                 "gateway, two replicas",
                 urls,
                 100_000_000,
-                extra=seen("gateway-replicas"),
+                extra=observed("gateway-replicas"),
             )
         )
     elif args.replicas:
@@ -1140,7 +1140,15 @@ def http_section(
         False,
     )
     time.sleep(1.0)  # let every worker finish importing before idle RSS is read
-    for system in (gateway, nolimit, *unseen, *redis, *replicas, floor_system, *compared):
+    for system in (
+        gateway,
+        nolimit,
+        *observability_off,
+        *redis,
+        *replicas,
+        floor_system,
+        *compared,
+    ):
         system.refresh_pids()
 
     idle = {
@@ -1150,7 +1158,16 @@ def http_section(
     }
     results["idle_rss"] = idle
 
-    systems = [direct, gateway, nolimit, *unseen, *redis, *replicas, floor_system, *compared]
+    systems = [
+        direct,
+        gateway,
+        nolimit,
+        *observability_off,
+        *redis,
+        *replicas,
+        floor_system,
+        *compared,
+    ]
     for system in systems:
         check_reply(system, tls, expect_gateway=system.key.startswith("gateway"))
     say("bench: warming up")
@@ -1169,7 +1186,7 @@ def http_section(
                 result = run_wrk(system, conns, seconds, processes)
                 runs[system.key][conns].append(result)
                 say(
-                    f"bench: round {round_number + 1} {system.label:<22} c={conns:<3}"
+                    f"bench: round {round_number + 1} {system.label:<36} c={conns:<3}"
                     f" {result['rps']:>9,.0f} req/s  p50 {result['p50_us'] / 1000:.3f} ms"
                     f"  p99 {result['p99_us'] / 1000:.3f} ms  errors {result['errors']}"
                     f"  busiest worker {result['busiest_worker_share'] or 0:.0%}"
@@ -1197,7 +1214,15 @@ def http_section(
             "requests": measured,
             "fell_back": "cannot be reached" in log.read_text(errors="replace"),
         }
-    for system in (*compared, floor_system, *replicas, *redis, *unseen, nolimit, gateway):
+    for system in (
+        *compared,
+        floor_system,
+        *replicas,
+        *redis,
+        *observability_off,
+        nolimit,
+        gateway,
+    ):
         processes.stop(system.process)
     for server in (*replica_servers, *([redis_server] if redis_server else []), nginx):
         processes.stop(server)
@@ -1371,17 +1396,17 @@ def observability_report(
     """Issue 11: the gateway with metrics and the access log on ÷ the same with them off."""
     name = "throughput at 50 connections, metrics + access log on ÷ off"
     goal = f"≥ {TARGET_OBSERVABILITY_RATIO:.2f}×"
-    if ("gateway-unseen", 50) not in med:
+    if ("gateway-observability-off", 50) not in med:
         add(f"- Metrics and access log: not measured: {results.get('observability_skipped')}")
         return (name, "not run", goal, None)
-    on, off = med[("gateway", 50)], med[("gateway-unseen", 50)]
-    ratio = per_round("gateway", "gateway-unseen", 50, lambda a, b: a["rps"] / b["rps"])
+    on, off = med[("gateway", 50)], med[("gateway-observability-off", 50)]
+    ratio = per_round("gateway", "gateway-observability-off", 50, lambda a, b: a["rps"] / b["rps"])
     each = [a["rps"] / b["rps"] for a, b in zip(on["runs"], off["runs"], strict=True)]
     added50 = per_round(
-        "gateway", "gateway-unseen", 1, lambda a, b: (a["p50_us"] - b["p50_us"]) / 1000
+        "gateway", "gateway-observability-off", 1, lambda a, b: (a["p50_us"] - b["p50_us"]) / 1000
     )
     added99 = per_round(
-        "gateway", "gateway-unseen", 1, lambda a, b: (a["p99_us"] - b["p99_us"]) / 1000
+        "gateway", "gateway-observability-off", 1, lambda a, b: (a["p99_us"] - b["p99_us"]) / 1000
     )
     seen = results.get("observability")
     written = (
