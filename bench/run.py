@@ -15,13 +15,18 @@ Everything runs on 127.0.0.1 with real, fast stand-ins, and is torn down on exit
   per-event delivery latency, lost events and stalls;
 - the systems under test: the upstream direct, the gateway (`--workers 2`, client
   keys, an upstream key, a trusted proxy, the cross-worker limiter with a limit
-  too high to trip, the access log), the same gateway with `--rate-limit 0`, the
-  same gateway in front of two nginx replicas (`--upstream`, twice: skipped,
-  with a message, when the gateway has no `--upstream`), and the floor
+  too high to trip, `--metrics-bind` on a loopback port and `--access-log` in
+  the workdir; twistd's log gets the text access line of every request, as it
+  always does), the same gateway with `--rate-limit 0`, the same gateway
+  without `--metrics-bind` and `--access-log` (issue 11), the same gateway
+  with `--rate-store` on a private redis-server on a Unix socket (issue 12:
+  skipped, with a message, without redis-server or txredisapi), the same
+  gateway in front of two nginx replicas (`--upstream`, twice: skipped, with a
+  message, when the gateway has no `--upstream`), and the floor
   (bench/floor.py, a bare Twisted + treq forwarder);
 - for streams, the upstream direct, the pump (bench/pump.py, a bare Twisted TLS
   byte pump, no HTTP: the floor of CPU per relayed event and per stream
-  opened), and the gateway.
+  opened), and the gateway (with metrics and the access log).
 
 The request/response runs are interleaved round by round, rotating the order, so
 that drift of the machine hits every system alike; each figure is the median of
@@ -36,6 +41,7 @@ installed with apt-get when running as root, and named otherwise.
 from __future__ import annotations
 
 import argparse
+import functools
 import http.client
 import json
 import os
@@ -112,6 +118,7 @@ FORWARDED_FOR = "127.0.0.2"  # the client behind the trusted proxy; loopback, ne
 #: The targets from the issue, checked in the summary.
 TARGET_RATIO = 1.25
 TARGET_REPLICAS_RATIO = 1.0  # issue 10: two replicas serve at least what one does
+TARGET_OBSERVABILITY_RATIO = 0.95  # issue 11: metrics and the access log cost at most 5 %
 TARGET_ADDED_P50_MS = 0.5
 TARGET_ADDED_P99_MS = 1.0
 TARGET_STREAM_P99_MS = 20.0
@@ -442,11 +449,21 @@ http {{
 
 
 def gateway_argv(
-    python: str, workdir: Path, name: str, port: int, upstream: int | list[str], rate_limit: int
+    python: str,
+    workdir: Path,
+    name: str,
+    port: int,
+    upstream: int | list[str],
+    rate_limit: int,
+    extra: list[str] | None = None,
 ) -> list[str]:
     """
     The gateway under test; C{upstream} is the one upstream's port on 127.0.0.1
-    (C{--aihost}), or a list of replica URLs (C{--upstream}, each).
+    (C{--aihost}), or a list of replica URLs (C{--upstream}, each); C{extra},
+    flags some systems add (metrics and the JSON access log, a rate store).
+
+    twistd's own log (C{--logfile}) gets the text access line of every request,
+    whatever the flags: the gateway has no switch for it.
     """
     if isinstance(upstream, int):
         upstream_args = ["--aihost", "127.0.0.1", "--aihostport", str(upstream)]
@@ -483,6 +500,7 @@ def gateway_argv(
         str(aikey),
         "--trusted-proxy",
         "127.0.0.1/32",
+        *(extra or []),
     ]
 
 
@@ -490,19 +508,25 @@ def gateway_workers(system: System) -> list[int]:
     return [pid for pid in system.pids if pid != system.process.pid]
 
 
-def wait_for_workers(system: System, count: int = 2, seconds: float = 30.0) -> None:
-    """The parent listens before its workers have adopted the socket: wait for them."""
+def wait_for_log(system: System, needle: str, count: int, what: str, seconds: float = 30.0) -> None:
+    """Wait for C{count} lines with C{needle} in a gateway's twistd log."""
     deadline = time.monotonic() + seconds
     log = Path(system.process.args[system.process.args.index("--logfile") + 1])
+    text = ""
     while time.monotonic() < deadline:
         text = log.read_text(errors="replace") if log.exists() else ""
-        if text.count(" serving") >= count:
-            system.refresh_pids()
+        if text.count(needle) >= count:
             return
         if system.process.poll() is not None:
             break
         time.sleep(0.1)
-    raise RuntimeError(f"{system.label}: workers did not start:\n{text[-2000:]}")
+    raise RuntimeError(f"{system.label}: {what}:\n{text[-2000:]}")
+
+
+def wait_for_workers(system: System, count: int = 2, seconds: float = 30.0) -> None:
+    """The parent listens before its workers have adopted the socket: wait for them."""
+    wait_for_log(system, " serving", count, "workers did not start", seconds)
+    system.refresh_pids()
 
 
 def wait_for_floor_workers(
@@ -545,10 +569,117 @@ def check_reply(system: System, tls: Path, expect_gateway: bool) -> None:
         for name in ("X-Frame-Options", "Content-Security-Policy", "Cache-Control"):
             if response.getheader(name) is None:
                 raise RuntimeError(f"{system.label}: no {name} header")
-        if "--rate-limit" in system.process.args:
-            limit = system.process.args[system.process.args.index("--rate-limit") + 1]
-            if limit != "0" and response.getheader("RateLimit") is None:
-                raise RuntimeError(f"{system.label}: no RateLimit header")
+        limit = flag_value(system, "--rate-limit")
+        if limit not in (None, "0") and response.getheader("RateLimit") is None:
+            raise RuntimeError(f"{system.label}: no RateLimit header")
+        # A system said to have metrics, or the Redis limiter, must really have
+        # them: a silent fallback would measure the wrong thing.
+        bind = flag_value(system, "--metrics-bind")
+        if bind is not None and "# TYPE llmgw_requests_total counter" not in scrape_metrics(bind):
+            raise RuntimeError(f"{system.label}: /metrics on {bind} has no llmgw_requests_total")
+        store = flag_value(system, "--rate-store")
+        if store is not None and int(redis_command(redis_socket(store), "DBSIZE")) < 1:
+            raise RuntimeError(f"{system.label}: the request left no key in {store}")
+
+
+def flag_value(system: System, flag: str) -> str | None:
+    """The value C{system}'s process was given for C{flag}, if any."""
+    args = list(system.process.args)
+    return args[args.index(flag) + 1] if flag in args else None
+
+
+def scrape_metrics(bind: str) -> str:
+    """The text of C{GET /metrics} on a gateway's C{--metrics-bind} (127.0.0.1:PORT)."""
+    host, port = bind.rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    connection.request("GET", "/metrics")
+    response = connection.getresponse()
+    body = response.read().decode("utf-8", "replace")
+    connection.close()
+    if response.status != 200:
+        raise RuntimeError(f"/metrics on {bind}: {response.status} {body[:300]!r}")
+    return body
+
+
+def requests_counted(metrics: str) -> int:
+    """The sum of C{llmgw_requests_total} over its labels, from a scrape."""
+    return sum(
+        int(float(m.group(1)))
+        for m in re.finditer(r"^llmgw_requests_total(?:\{[^}]*\})? (\S+)$", metrics, re.M)
+    )
+
+
+# --------------------------------------------------------------------------- redis
+
+
+def redis_server_binary() -> str | None:
+    return shutil.which("redis-server") or (
+        "/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None
+    )
+
+
+def redis_socket(store: str) -> Path:
+    """The socket of a C{unix:///path/redis.sock[?db=N]} rate store."""
+    return Path(store.removeprefix("unix://").split("?", 1)[0])
+
+
+def redis_command(path: Path, *words: str, timeout: float = 5.0) -> bytes:
+    """
+    One command to the bench's redis-server on its Unix socket, and the reply's
+    payload (a status, an integer or a bulk string).  Just enough RESP for the
+    bench to look at what the gateway (which talks through txredisapi) did.
+    """
+    request = f"*{len(words)}\r\n" + "".join(f"${len(w.encode())}\r\n{w}\r\n" for w in words)
+    with socket.socket(socket.AF_UNIX) as connection:
+        connection.settimeout(timeout)
+        connection.connect(str(path))
+        connection.sendall(request.encode())
+        reply = b""
+
+        def more() -> bytes:
+            chunk = connection.recv(65536)
+            if not chunk:
+                raise OSError("redis-server closed the connection")
+            return chunk
+
+        while b"\r\n" not in reply:
+            reply += more()
+        head, rest = reply.split(b"\r\n", 1)
+        if head.startswith(b"-"):
+            raise OSError(f"redis-server: {head[1:].decode(errors='replace')}")
+        if not head.startswith(b"$"):
+            return head[1:]
+        size = int(head[1:])
+        while len(rest) < size + 2:
+            rest += more()
+        return rest[:size]
+
+
+def redis_script_calls(path: Path) -> int:
+    """How many scripts (the limiter's decisions) this redis-server has run."""
+    info = redis_command(path, "INFO", "commandstats").decode()
+    return sum(
+        int(m.group(1)) for m in re.finditer(r"^cmdstat_eval(?:sha)?:calls=(\d+)", info, re.M)
+    )
+
+
+def start_redis(processes: Processes, workdir: Path, binary: str) -> tuple[Any, Path]:
+    """A private redis-server on a Unix socket in the workdir: no TCP port, no files kept."""
+    path = workdir / "redis.sock"
+    argv = [binary, "--port", "0", "--unixsocket", str(path), "--unixsocketperm", "700"]
+    argv += ["--save", "", "--appendonly", "no", "--dir", str(workdir)]
+    process = processes.start("redis-server", argv)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"redis-server exited:\n{processes.log_tail(process)}")
+        try:
+            if redis_command(path, "PING") == b"PONG":
+                return process, path
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError("redis-server did not answer on its socket within 30s")
 
 
 # ----------------------------------------------------------------------------- wrk
@@ -773,22 +904,29 @@ def start_gateway(
     upstream: int | list[str],
     rate_limit: int,
     path: str | None = None,
+    extra: list[str] | None = None,
 ) -> System:
     port = free_port()
     env = dict(os.environ)
     path = args.gateway_path if path is None else path
     if path:
         env["PYTHONPATH"] = path
-    argv = gateway_argv(args.gateway_python, workdir, name, port, upstream, rate_limit)
+    argv = gateway_argv(args.gateway_python, workdir, name, port, upstream, rate_limit, extra)
     process = processes.start(name, argv, env)
     system = System(name, label, f"http://127.0.0.1:{port}/v1/chat/completions", process, True)
     wait_for_port(port, process, processes)
     wait_for_workers(system)
+    if "--rate-store" in argv:
+        # Decisions made before the connection would be the fallback's.
+        wait_for_log(
+            system, "Sharing the rate limit through", 1, "did not connect to its --rate-store"
+        )
     return system
 
 
-def gateway_has_replicas(python: str, gateway_path: str) -> bool:
-    """Whether this gateway takes C{--upstream} (issue 10), from its C{--help}."""
+@functools.cache
+def gateway_help(python: str, gateway_path: str) -> str:
+    """This gateway's C{twistd llmgw --help}: which flags it has."""
     env = dict(os.environ)
     if gateway_path:
         env["PYTHONPATH"] = gateway_path
@@ -796,7 +934,51 @@ def gateway_has_replicas(python: str, gateway_path: str) -> bool:
     done = subprocess.run(
         [twistd, "llmgw", "--help"], env=env, capture_output=True, text=True, timeout=60, cwd=ROOT
     )
-    return re.search(r"--upstream=", done.stdout) is not None
+    return done.stdout
+
+
+def gateway_has(python: str, gateway_path: str, *flags: str) -> bool:
+    """Whether this gateway takes every one of C{flags} (C{--name}, with a value)."""
+    text = gateway_help(python, gateway_path)
+    return all(re.search(rf"{re.escape(flag)}=", text) is not None for flag in flags)
+
+
+def gateway_has_replicas(python: str, gateway_path: str) -> bool:
+    """Whether this gateway takes C{--upstream} (issue 10), from its C{--help}."""
+    return gateway_has(python, gateway_path, "--upstream")
+
+
+OBSERVABILITY_FLAGS = ("--metrics-bind", "--access-log")
+
+
+def observability(python: str, gateway_path: str, workdir: Path, name: str) -> list[str]:
+    """
+    Metrics and the JSON access log (issue 11), as an operator runs them: the
+    parent's C{/metrics} listener on a loopback port of its own, and the
+    access log in the workdir (the main gateway's is C{access.log}); nothing
+    for a gateway without these flags (an older tree given to C{--compare}).
+    """
+    if not gateway_has(python, gateway_path, *OBSERVABILITY_FLAGS):
+        return []
+    log = workdir / ("access.log" if name == "gateway" else f"{name}-access.log")
+    return ["--metrics-bind", f"127.0.0.1:{free_port()}", "--access-log", str(log)]
+
+
+def redis_missing(python: str, gateway_path: str) -> str | None:
+    """Why the Redis limiter cannot run here, or L{None} when it can."""
+    if not gateway_has(python, gateway_path, "--rate-store"):
+        return "the gateway has no --rate-store yet (issue 12)"
+    if redis_server_binary() is None:
+        return "redis-server is not installed (apt-get install redis-server)"
+    env = dict(os.environ)
+    if gateway_path:
+        env["PYTHONPATH"] = gateway_path
+    probe = subprocess.run(
+        [python, "-c", "import txredisapi"], env=env, capture_output=True, timeout=60, cwd=ROOT
+    )
+    if probe.returncode != 0:
+        return f"txredisapi is not installed for {python} (pip install 'llmgw[redis]')"
+    return None
 
 
 def http_section(
@@ -816,10 +998,75 @@ def http_section(
     )
     direct.refresh_pids()
 
-    gateway = start_gateway(processes, args, workdir, "gateway", "gateway", nginx_port, 100_000_000)
-    nolimit = start_gateway(
-        processes, args, workdir, "gateway-nolimit", "gateway, limiter off", nginx_port, 0
+    python, path = args.gateway_python, args.gateway_path
+
+    def observed(name: str) -> list[str]:
+        return observability(python, path, workdir, name)
+
+    gateway = start_gateway(
+        processes,
+        args,
+        workdir,
+        "gateway",
+        "gateway",
+        nginx_port,
+        100_000_000,
+        extra=observed("gateway"),
     )
+    nolimit = start_gateway(
+        processes,
+        args,
+        workdir,
+        "gateway-nolimit",
+        "gateway, limiter off",
+        nginx_port,
+        0,
+        extra=observed("gateway-nolimit"),
+    )
+
+    # Issue 11: the same gateway without --metrics-bind and --access-log (the
+    # workers count all the same; only the listener and the file go).
+    observability_off: list[System] = []
+    if gateway_has(python, path, *OBSERVABILITY_FLAGS):
+        observability_off.append(
+            start_gateway(
+                processes,
+                args,
+                workdir,
+                "gateway-observability-off",
+                "gateway, metrics and access log off",
+                nginx_port,
+                100_000_000,
+            )
+        )
+    else:
+        results["observability_skipped"] = (
+            "the gateway has no --metrics-bind / --access-log yet (issue 11), "
+            "so the metrics and access log off round did not run"
+        )
+        say(f"bench: {results['observability_skipped']}")
+
+    # Issue 12: the same gateway deciding in a private redis-server.
+    redis: list[System] = []
+    redis_server = None
+    missing = redis_missing(python, path) if args.redis else "not asked for (--no-redis)"
+    if missing is None:
+        redis_server, redis_path = start_redis(processes, workdir, redis_server_binary() or "")
+        redis.append(
+            start_gateway(
+                processes,
+                args,
+                workdir,
+                "gateway-redis",
+                "gateway, Redis limiter",
+                nginx_port,
+                100_000_000,
+                extra=[*observed("gateway-redis"), "--rate-store", f"unix://{redis_path}"],
+            )
+        )
+    else:
+        results["redis_skipped"] = f"the Redis limiter round did not run: {missing}"
+        say(f"bench: {results['redis_skipped']}")
 
     # Two replicas: two more nginx instances, the same canned upstream as the
     # one above, named by the host name their certificate is issued for.
@@ -845,6 +1092,7 @@ def http_section(
                 "gateway, two replicas",
                 urls,
                 100_000_000,
+                extra=observed("gateway-replicas"),
             )
         )
     elif args.replicas:
@@ -861,12 +1109,13 @@ def http_section(
             args,
             workdir,
             f"gateway-compare-{n}",
-            f"gateway from {path}",
+            f"gateway from {tree}",
             nginx_port,
             100_000_000,
-            str(path),
+            str(tree),
+            extra=observability(python, str(tree), workdir, f"gateway-compare-{n}"),
         )
-        for n, path in enumerate(args.compare, 1)
+        for n, tree in enumerate(args.compare, 1)
     ]
 
     floor_port = free_port()
@@ -891,7 +1140,15 @@ def http_section(
         False,
     )
     time.sleep(1.0)  # let every worker finish importing before idle RSS is read
-    for system in (gateway, nolimit, *replicas, floor_system, *compared):
+    for system in (
+        gateway,
+        nolimit,
+        *observability_off,
+        *redis,
+        *replicas,
+        floor_system,
+        *compared,
+    ):
         system.refresh_pids()
 
     idle = {
@@ -901,7 +1158,16 @@ def http_section(
     }
     results["idle_rss"] = idle
 
-    systems = [direct, gateway, nolimit, *replicas, floor_system, *compared]
+    systems = [
+        direct,
+        gateway,
+        nolimit,
+        *observability_off,
+        *redis,
+        *replicas,
+        floor_system,
+        *compared,
+    ]
     for system in systems:
         check_reply(system, tls, expect_gateway=system.key.startswith("gateway"))
     say("bench: warming up")
@@ -910,6 +1176,8 @@ def http_section(
         system.refresh_pids()
 
     runs: dict[str, dict[int, list[dict[str, Any]]]] = {s.key: {1: [], 50: []} for s in systems}
+    if redis:
+        redis_calls_before = redis_script_calls(redis_path)
     for round_number in range(args.rounds):
         order = systems[round_number % len(systems) :] + systems[: round_number % len(systems)]
         for system in order:
@@ -918,7 +1186,7 @@ def http_section(
                 result = run_wrk(system, conns, seconds, processes)
                 runs[system.key][conns].append(result)
                 say(
-                    f"bench: round {round_number + 1} {system.label:<22} c={conns:<3}"
+                    f"bench: round {round_number + 1} {system.label:<36} c={conns:<3}"
                     f" {result['rps']:>9,.0f} req/s  p50 {result['p50_us'] / 1000:.3f} ms"
                     f"  p99 {result['p99_us'] / 1000:.3f} ms  errors {result['errors']}"
                     f"  busiest worker {result['busiest_worker_share'] or 0:.0%}"
@@ -929,9 +1197,34 @@ def http_section(
         "runs": runs,
     }
     results["gateway_after_rss_kb"] = [rss_kb(pid) for pid in gateway_workers(gateway)]
-    for system in (*compared, floor_system, *replicas, nolimit, gateway):
+    time.sleep(1.5)  # workers send their counts and access lines at least once a second
+    bind, access_log = flag_value(gateway, "--metrics-bind"), flag_value(gateway, "--access-log")
+    if bind is not None and access_log is not None:
+        with open(access_log, "rb") as lines:
+            results["observability"] = {
+                "requests_counted": requests_counted(scrape_metrics(bind)),
+                "access_log_lines": sum(1 for _ in lines),
+                "access_log_bytes": os.path.getsize(access_log),
+            }
+    if redis:
+        measured = sum(r["requests"] for conns in (1, 50) for r in runs["gateway-redis"][conns])
+        log = Path(redis[0].process.args[redis[0].process.args.index("--logfile") + 1])
+        results["redis"] = {
+            "script_calls": redis_script_calls(redis_path) - redis_calls_before,
+            "requests": measured,
+            "fell_back": "cannot be reached" in log.read_text(errors="replace"),
+        }
+    for system in (
+        *compared,
+        floor_system,
+        *replicas,
+        *redis,
+        *observability_off,
+        nolimit,
+        gateway,
+    ):
         processes.stop(system.process)
-    for server in (*replica_servers, nginx):
+    for server in (*replica_servers, *([redis_server] if redis_server else []), nginx):
         processes.stop(server)
 
 
@@ -1029,7 +1322,16 @@ def streams_section(
             continue
         # Both relays start fresh and idle while direct runs; idle RSS is read then.
         gateway = start_gateway(
-            processes, args, workdir, f"gateway-sse-{name}", "gateway", source_port, 100_000_000
+            processes,
+            args,
+            workdir,
+            f"gateway-sse-{name}",
+            "gateway",
+            source_port,
+            100_000_000,
+            extra=observability(
+                args.gateway_python, args.gateway_path, workdir, f"gateway-sse-{name}"
+            ),
         )
         pump = start_pump(processes, args, workdir, f"pump-sse-{name}", source_port)
         time.sleep(0.5)
@@ -1079,6 +1381,101 @@ def fmt(value: float | None, digits: int = 2) -> str:
 
 def verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("**met**" if ok else "**missed**")
+
+
+Target = tuple[str, str, str, bool | None]
+PerRound = Callable[[str, str, int, Callable[[dict[str, Any], dict[str, Any]], float]], float]
+
+
+def observability_report(
+    results: dict[str, Any],
+    med: dict[tuple[str, int], dict[str, Any]],
+    per_round: PerRound,
+    add: Callable[[str], None],
+) -> Target:
+    """Issue 11: the gateway with metrics and the access log on ÷ the same with them off."""
+    name = "throughput at 50 connections, metrics + access log on ÷ off"
+    goal = f"≥ {TARGET_OBSERVABILITY_RATIO:.2f}×"
+    if ("gateway-observability-off", 50) not in med:
+        add(f"- Metrics and access log: not measured: {results.get('observability_skipped')}")
+        return (name, "not run", goal, None)
+    on, off = med[("gateway", 50)], med[("gateway-observability-off", 50)]
+    ratio = per_round("gateway", "gateway-observability-off", 50, lambda a, b: a["rps"] / b["rps"])
+    each = [a["rps"] / b["rps"] for a, b in zip(on["runs"], off["runs"], strict=True)]
+    added50 = per_round(
+        "gateway", "gateway-observability-off", 1, lambda a, b: (a["p50_us"] - b["p50_us"]) / 1000
+    )
+    added99 = per_round(
+        "gateway", "gateway-observability-off", 1, lambda a, b: (a["p99_us"] - b["p99_us"]) / 1000
+    )
+    seen = results.get("observability")
+    written = (
+        f"; in all, the gateway's /metrics counted {seen['requests_counted']:,} requests and its "
+        f"access log has {seen['access_log_lines']:,} lines ({seen['access_log_bytes'] / 2**20:.1f} MB)"
+        if seen
+        else ""
+    )
+    add(
+        f"- Metrics + access log on ÷ off at c=50: **{ratio:.2f}×** throughput (median of the per-round "
+        f"ratios, {min(each):.2f}–{max(each):.2f}; medians {fmt(on['rps'], 0)} vs {fmt(off['rps'], 0)} req/s; "
+        f"CPU {fmt(on['cpu'], 0)} vs {fmt(off['cpu'], 0)} µs/req, parent {fmt(on['parent'], 0)} vs "
+        f"{fmt(off['parent'], 0)}); at c=1 they add {added50:+.3f} / {added99:+.3f} ms to p50 / p99{written}"
+    )
+    results.setdefault("derived", {}).update(
+        observability_ratio=ratio,
+        observability_added_p50_ms=added50,
+        observability_added_p99_ms=added99,
+    )
+    return (name, f"{ratio:.2f}×", goal, ratio >= TARGET_OBSERVABILITY_RATIO)
+
+
+def redis_report(
+    results: dict[str, Any],
+    med: dict[tuple[str, int], dict[str, Any]],
+    per_round: PerRound,
+    add: Callable[[str], None],
+) -> Target:
+    """Issue 12: the Redis limiter next to the embedded one, in the same rounds."""
+    name = "Redis limiter ÷ embedded, throughput at 50 connections"
+    goal = "reported, every decision in Redis"
+    if ("gateway-redis", 50) not in med:
+        add(f"- Redis limiter: not measured: {results.get('redis_skipped')}")
+        return (name, "not run", goal, None)
+    red, emb = med[("gateway-redis", 50)], med[("gateway", 50)]
+    ratio = per_round("gateway-redis", "gateway", 50, lambda r, g: r["rps"] / g["rps"])
+    each = [r["rps"] / g["rps"] for r, g in zip(red["runs"], emb["runs"], strict=True)]
+
+    def added(key: str, field: str) -> float:
+        return per_round(key, "direct", 1, lambda a, d: (a[field] - d[field]) / 1000)
+
+    red50, red99 = added("gateway-redis", "p50_us"), added("gateway-redis", "p99_us")
+    emb50, emb99 = added("gateway", "p50_us"), added("gateway", "p99_us")
+    calls = results.get("redis", {})
+    in_redis = (
+        calls.get("script_calls", 0) >= calls.get("requests", 1)
+        and not calls.get("fell_back")
+        and red["errors"] == 0
+    )
+    add(
+        f"- Redis limiter (`--rate-store unix://…/redis.sock`, a private redis-server) next to the embedded "
+        f"one: c=1 added latency over direct p50 **{red50:+.3f} ms** vs {emb50:+.3f}, p99 **{red99:+.3f} ms** "
+        f"vs {emb99:+.3f}; c=50 **{fmt(red['rps'], 0)}** vs {fmt(emb['rps'], 0)} req/s, "
+        f"**{ratio:.2f}×** (median of the per-round ratios, {min(each):.2f}–{max(each):.2f}); CPU "
+        f"{fmt(red['cpu'], 0)} vs {fmt(emb['cpu'], 0)} µs/req (gateway processes, not redis-server); "
+        f"redis-server ran {calls.get('script_calls', 0):,} scripts for {calls.get('requests', 0):,} "
+        f"requests measured{'; the fallback decided for a while (see its log)' if calls.get('fell_back') else ''}"
+    )
+    results.setdefault("derived", {}).update(
+        redis_ratio=ratio,
+        redis_added_p50_ms=red50,
+        redis_added_p99_ms=red99,
+    )
+    return (
+        name,
+        f"{ratio:.2f}× (c=1 added {red50:+.3f} / {red99:+.3f} ms)",
+        goal,
+        in_redis,
+    )
 
 
 def report(results: dict[str, Any], args: argparse.Namespace) -> str:
@@ -1226,6 +1623,8 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
                 f"≥ {TARGET_REPLICAS_RATIO:.2f}×",
                 None,
             )
+        observability_target = observability_report(results, med, per_round, add)
+        redis_target = redis_report(results, med, per_round, add)
         add("")
         targets += [
             (
@@ -1247,6 +1646,8 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
                 added99 <= TARGET_ADDED_P99_MS,
             ),
             replicas_target,
+            observability_target,
+            redis_target,
         ]
 
     streams = results.get("streams")
@@ -1416,6 +1817,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="run the gateway in front of two nginx replicas too (needs --upstream, issue 10)",
+    )
+    p.add_argument(
+        "--redis",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the gateway with --rate-store on a private redis-server too (issue 12; "
+        "skipped, with a message, without redis-server or txredisapi)",
     )
     p.add_argument(
         "--quick",
