@@ -573,6 +573,8 @@ class DashboardTests(SynchronousTestCase):
     def test_dashboard_asks_for_metrics_that_exist(self) -> None:
         """Every series contrib/grafana/llmgw.json queries is one the gateway exposes."""
         path = Path(__file__).resolve().parent.parent / "contrib" / "grafana" / "llmgw.json"
+        if not path.exists():
+            raise self.skipTest("run from an installed copy of the tests, without contrib/")
         dashboard = json.loads(path.read_text())
         queried = set(re.findall(r"llmgw_[a-z_]+", path.read_text()))
         clock = Clock()
