@@ -497,6 +497,7 @@ def make_service(
 
         supervisor = Supervisor(config, reactor, colour=use_colour())
         supervisor.access_log = access_log
+        supervisor.keys = keys
         _ClusterExit(reactor).setServiceParent(top)  # type: ignore[no-untyped-call]
         cluster_metrics = metrics_listener(
             config,

@@ -322,6 +322,24 @@ class KeyReloadTests(TestCase):
         self.flushLoggedErrors()
 
     @inline
+    async def test_sighup_reloads_the_parents_keys_for_the_health_checks(self) -> None:
+        """
+        With workers, the parent checks the replicas with the upstream key: a
+        SIGHUP must rotate it there too, or every replica goes down once the
+        model servers accept only the new key.
+        """
+        path = Path(self.mktemp())
+        path.write_bytes(b"old-key\n")
+        upstreams = ("https://127.0.0.1:8001", "https://127.0.0.1:8002")
+        config = Config(workers=2, upstreams=upstreams, aikey_file=str(path))
+        top = make_service(config, reactor, console=False)
+        (supervisor,) = [s for s in top if isinstance(s, Supervisor)]
+        (checker,) = [s for s in top if isinstance(s, HealthChecker)]
+        path.write_bytes(b"new-key\n")
+        supervisor._forward_hangup(signal.SIGHUP, None)
+        await eventually(lambda: checker.keys.upstream_authorization == b"Bearer new-key")
+
+    @inline
     async def test_sighup_reopens_the_access_log(self) -> None:
         path = self.mktemp()
         access_log = AccessLogFile(path)
