@@ -395,6 +395,27 @@ class RedisLimiterTests(SynchronousTestCase):
         limiter.admit("c")
         self.assertEqual(len(redis.calls), 7)
 
+    def test_probe_void_by_the_deadline_lets_the_next_question_probe(self) -> None:
+        """
+        A probe the worker stopped waiting for says nothing of Redis: the next
+        question probes again, rather than Redis being skipped for good.
+        """
+        limiter, redis, clock = store(limit=100)
+        for _ in range(5):
+            limiter.admit("c")
+            clock.advance(0.25)
+        clock.advance(5)
+        probe = results(limiter.decide("c", deadline=clock.seconds() + 0.1))
+        self.assertEqual(len(redis.calls), 6)
+        clock.advance(0.1)
+        self.assertIsInstance(probe[0].value, DeadlinePassed)
+        decided = results(limiter.admit("c"))
+        self.assertEqual(len(redis.calls), 7)
+        redis.answer([1, 99, 60])
+        self.assertEqual(decided, [Decision(True, 100, 60, 99, 60)])
+        limiter.admit("c")
+        self.assertEqual(len(redis.calls), 8)
+
     def test_fallback_starts_from_this_hosts_admissions(self) -> None:
         """Redis admitted two here; when it fails, the local limit of 3 has one left."""
         limiter, redis, _ = store()
