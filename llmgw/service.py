@@ -499,6 +499,9 @@ def make_service(
         supervisor.access_log = access_log
         supervisor.keys = keys
         _ClusterExit(reactor).setServiceParent(top)  # type: ignore[no-untyped-call]
+        # Before the supervisor, so that it is stopped after the workers drained:
+        # the requests in hand are still admitted by the shared limit.
+        supervisor.rate_store = shared_rate_store(config, reactor, supervisor.limiter, top)
         cluster_metrics = metrics_listener(
             config,
             reactor,
@@ -513,7 +516,6 @@ def make_service(
         supervisor.health = health_checker(config, keys, reactor, supervisor.replica_state_changed)
         if supervisor.health is not None:
             supervisor.health.setServiceParent(top)  # type: ignore[no-untyped-call]
-        supervisor.rate_store = shared_rate_store(config, reactor, supervisor.limiter, top)
         if supervisor.limiter is not None:
             SweepService(supervisor.limiter, reactor).setServiceParent(top)  # type: ignore[no-untyped-call]
         commands: ConsoleCommands = ClusterCommands(supervisor, reactor)

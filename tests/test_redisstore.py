@@ -593,6 +593,21 @@ class WiringTests(SynchronousTestCase):
         assert supervisor.rate_store is not None
         self.assertIs(supervisor.rate_store.fallback, supervisor.limiter)
 
+    def test_store_stops_after_the_drain(self) -> None:
+        """
+        MultiService stops its children in reverse: the store must be added
+        before what drains, so that requests in hand during --grace are still
+        admitted by Redis, not refused (closed) or counted alone (local).
+        """
+        self.needs_txredisapi()
+        from llmgw.cluster import Supervisor
+        from llmgw.service import DrainService
+
+        for workers, drainer in ((1, DrainService), (2, Supervisor)):
+            config = Config(workers=workers, rate_store="redis://127.0.0.1:1/0")
+            kinds = [type(s) for s in make_service(config, MemoryReactorClock(), console=False)]
+            self.assertLess(kinds.index(RateStoreService), kinds.index(drainer))
+
     def test_missing_extra(self) -> None:
         self.patch(sys, "__stderr__", None)
         without_txredisapi(self)
