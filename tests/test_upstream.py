@@ -91,6 +91,21 @@ def raw_request(test: TestCase, port: int, body: bytes, rcvbuf: int | None = Non
     return sock
 
 
+async def first_event(sock: socket.socket) -> bytes:
+    """Read a L{raw_request}'s reply until its first SSE event is in; return what came."""
+    received = bytearray()
+
+    def has_first_event() -> bool:
+        try:
+            received.extend(sock.recv(65536))
+        except BlockingIOError:
+            pass
+        return b"data: " in received
+
+    await eventually(has_first_event)
+    return bytes(received)
+
+
 class StreamTests(TestCase):
     @inline
     async def test_chunks_arrive_as_produced(self) -> None:
@@ -173,17 +188,7 @@ class CancellationTests(TestCase):
         upstream = start_upstream(self, defaults=Behaviour(chunks=50, interval=0.2))
         gateway = start_gateway(self, gateway_config(upstream))
         sock = raw_request(self, gateway.port, chat_body(stream=True))
-        received = bytearray()
-
-        def first_event() -> bool:
-            try:
-                received.extend(sock.recv(65536))
-            except BlockingIOError:
-                pass
-            return b"data: " in received
-
-        await eventually(first_event)
-        self.assertIn(b"200 OK", bytes(received))
+        self.assertIn(b"200 OK", await first_event(sock))
         sock.close()
         await eventually(lambda: upstream.model.cancelled == 1, timeout=1.0)
         self.assertEqual(upstream.model.completed, 0)
@@ -497,16 +502,7 @@ class StreamRecordTests(TestCase):
         upstream = start_upstream(self, defaults=Behaviour(chunks=50, interval=0.2))
         gateway = start_gateway(self, gateway_config(upstream))
         sock = raw_request(self, gateway.port, chat_body(stream=True))
-        received = bytearray()
-
-        def first_event() -> bool:
-            try:
-                received.extend(sock.recv(65536))
-            except BlockingIOError:
-                pass
-            return b"data: " in received
-
-        await eventually(first_event)
+        await first_event(sock)
         sock.close()
         await eventually(lambda: len(gateway.records) == 1)
         [record] = gateway.records
