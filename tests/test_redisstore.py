@@ -63,6 +63,7 @@ from tests.loopback import (
     start_upstream,
 )
 from tests.test_cluster import serving, start_gateway_process
+from tests.test_options import parse
 from tests.test_worker import LoopbackAMP
 
 
@@ -94,14 +95,6 @@ def without_txredisapi(test: SynchronousTestCase) -> None:
 REDIS_SERVER = shutil.which("redis-server") or (
     "/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None
 )
-
-
-def parse(*argv: str) -> Config:
-    options = Options()
-    options.parseOptions(list(argv))
-    config = options.config
-    assert isinstance(config, Config)
-    return config
 
 
 class RateStoreAddressTests(SynchronousTestCase):
