@@ -109,7 +109,7 @@ def chat_completion_body(
     sends (an assistant message with C{tool_calls: []}, and the rest null), so
     that clients meet the shapes they will meet in production.
     """
-    message = {
+    message: dict[str, Any] = {
         "role": "assistant",
         "content": text,
         "refusal": None,
