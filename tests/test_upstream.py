@@ -15,7 +15,7 @@ from twisted.web.http_headers import Headers
 
 from llmgw.mock import Behaviour
 from llmgw.record import Attempt, RequestRecord
-from llmgw.upstream import EventStreamRelay, load_trust_root
+from llmgw.upstream import EventStreamRelay
 from tests.loopback import (
     CHAT,
     JSON_HEADERS,
@@ -363,20 +363,6 @@ class StaleConnectionTests(TestCase):
         await request(self, port, body=chat_body())
         await request(self, port, body=chat_body())
         self.assertEqual((server.requests, server.connections), (2, 1))
-
-
-class TrustRootTests(SynchronousTestCase):
-    def test_empty_bundle(self) -> None:
-        path = self.mktemp()
-        with open(path, "wb") as f:
-            f.write(b"not a certificate\n")
-        self.assertRaises(ValueError, load_trust_root, path)
-
-    def test_broken_certificate(self) -> None:
-        path = self.mktemp()
-        with open(path, "wb") as f:
-            f.write(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
-        self.assertRaises(ValueError, load_trust_root, path)
 
 
 class VLLMWebStackTests(TestCase):
