@@ -343,7 +343,14 @@ class Options(usage.Options):
             None,
             "PEM bundle to trust for the model server (default: the platform trust store).",
         ],
-        ["timeout", None, 600.0, "Seconds to wait for the model server's reply headers.", _seconds],
+        [
+            "timeout",
+            None,
+            600.0,
+            "Seconds to wait for the model server's reply headers and, for a reply that "
+            "is not streamed, the whole reply.",
+            _seconds,
+        ],
         [
             "connect-timeout",
             None,
