@@ -53,6 +53,8 @@ from twisted.web.error import UnsupportedMethod
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from llmgw.startup import cannot_listen_message, refuse_to_start
+
 DEFAULT_MODEL = "TheBloke/Mistral-7B-Instruct-v0.2-AWQ"
 
 FAULTS = ("none", "hang", "reset", "garbage", "500", "503", "429", "slow-first-byte")
@@ -651,8 +653,6 @@ class MockService(Service):
         if failures:
             error = failures[0].value
             if isinstance(error, CannotListenError):
-                from llmgw.service import cannot_listen_message, refuse_to_start
-
                 refuse_to_start(cannot_listen_message(error, "--port", "--bindip"))
             failures[0].raiseException()
 

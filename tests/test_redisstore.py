@@ -50,7 +50,8 @@ from llmgw.redisstore import (
     TxRedisConnection,
     redis_key,
 )
-from llmgw.service import StartupFailure, make_service
+from llmgw.service import make_service
+from llmgw.startup import StartupFailure
 from llmgw.worker import RemoteLimiter
 from tests.loopback import (
     chat_body,

@@ -32,14 +32,12 @@ from llmgw.service import (
     KeyReloadService,
     LocalCommands,
     MetricsListener,
-    StartupFailure,
     SweepService,
-    cannot_listen_message,
     clear_exit_signal,
     make_service,
-    refuse_to_start,
 )
 from llmgw.site import GatewaySite
+from llmgw.startup import StartupFailure, cannot_listen_message, refuse_to_start
 from tests.loopback import (
     eventually,
     free_port,
@@ -422,7 +420,7 @@ class RefuseToStartTests(SynchronousTestCase):
         self.stderr(os.devnull)
         events = capture_events(self)
         self.assertRaises(StartupFailure, refuse_to_start, "--bindport 1: why")
-        [event] = [e for e in events if e.get("log_namespace") == "llmgw.service"]
+        [event] = [e for e in events if e.get("log_namespace") == "llmgw.startup"]
         self.assertEqual((event["log_level"].name, event["line"]), ("error", "--bindport 1: why"))
 
 
@@ -513,12 +511,12 @@ class BusyPortProcessTests(TestCase):
             (out, err, code),
             (
                 "",
-                f"An error has occurred: b'llmgw.service.StartupFailure: {message}'\n"
+                f"An error has occurred: b'llmgw.startup.StartupFailure: {message}'\n"
                 "Please look at log file for more information.\n",
                 1,
             ),
         )
         await eventually(lambda: not pidfile.exists(), timeout=10)
         log = logfile.read_text()
-        self.assertIn(f" [llmgw.service#error] {message}\n", log)
+        self.assertIn(f" [llmgw.startup#error] {message}\n", log)
         self.assertNotIn("Traceback", log)
