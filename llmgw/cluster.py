@@ -36,6 +36,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from llmgw.health import HealthChecker, Models, encode_models, state_name
+from llmgw.keys import KeyRing
 from llmgw.logs import AccessLogFile
 from llmgw.metrics import MetricsTotals
 from llmgw.options import Config
@@ -420,6 +421,8 @@ class Supervisor(Service):
     @ivar access_log: the C{--access-log} file every worker's lines go to
         (opened before this service starts), or L{None}.
     @ivar metrics: the totals of every worker's counts, the dead ones' included.
+    @ivar keys: the parent's own key files, which its health checks send the
+        upstream key from, or L{None}; reloaded on SIGHUP with the workers'.
     """
 
     def __init__(self, config: Config, reactor: Any, colour: bool) -> None:
@@ -435,6 +438,7 @@ class Supervisor(Service):
         self.metrics = MetricsTotals()
         self.rate_store: RedisSlidingWindowLimiter | None = None
         self.health: HealthChecker | None = None
+        self.keys: KeyRing | None = None
         self.access_log: AccessLogFile | None = None
         self.socket: socket.socket | None = None
         self._backoff: dict[int, float] = {}
@@ -452,8 +456,13 @@ class Supervisor(Service):
             self.spawn(number)
 
     def _forward_hangup(self, signum: int, frame: object) -> None:
-        """SIGHUP reloads key files (every worker reads its own) and reopens the access log."""
+        """
+        SIGHUP reloads key files (every worker reads its own, and so does the
+        parent, for its health checks) and reopens the access log.
+        """
         self.reactor.callFromThread(self._signal_all, "HUP")
+        if self.keys is not None:
+            self.reactor.callFromThread(self.keys.reload)
         if self.access_log is not None:
             self.reactor.callFromThread(self.access_log.reopen)
 

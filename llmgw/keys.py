@@ -13,22 +13,9 @@ import hmac
 
 from twisted.logger import Logger
 
+from llmgw.files import read_client_keys, read_secret
+
 log = Logger()
-
-
-def read_secret(path: str) -> bytes:
-    """The first non-blank, non-comment line of C{path}."""
-    keys = read_keys(path)
-    if not keys:
-        raise ValueError(f"{path} holds no key")
-    return keys[0]
-
-
-def read_keys(path: str) -> list[bytes]:
-    """One key a line; blank lines and C{#} comments are skipped."""
-    with open(path, "rb") as f:
-        lines = [line.split(b"#", 1)[0].strip() for line in f]
-    return [line for line in lines if line]
 
 
 def _digest(key: bytes) -> bytes:
@@ -71,12 +58,7 @@ class KeyRing:
             upstream = b"Bearer " + read_secret(self.aikey_file)
         digests: tuple[bytes, ...] = ()
         if self.api_keys_file is not None:
-            keys = read_keys(self.api_keys_file)
-            if not keys:
-                # Half-written during a rotation, most likely: locking every
-                # client out is never what the operator meant.
-                raise ValueError(f"{self.api_keys_file} holds no key")
-            digests = tuple(_digest(key) for key in keys)
+            digests = tuple(_digest(key) for key in read_client_keys(self.api_keys_file))
         self.upstream_authorization = upstream
         self._client_digests = digests
 

@@ -180,12 +180,14 @@ class AccessLogFile:
     reopened on SIGHUP so that logrotate can move it away.
 
     Each batch is written and flushed at once, so that nothing waits in a
-    buffer for a process that is about to exit.
+    buffer for a process that is about to exit.  Writes that fail (a full
+    disk) are logged once, not once a batch, until one succeeds again.
     """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._file: TextIO | None = None
+        self._failing = False
 
     def _open(self) -> TextIO:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
@@ -212,7 +214,7 @@ class AccessLogFile:
             return
         old, self._file = self._file, new
         if old is not None:
-            old.close()
+            _close(old)
 
     def write(self, lines: str) -> None:
         """Append lines, each ending with a newline."""
@@ -222,12 +224,30 @@ class AccessLogFile:
             self._file.write(lines)
             self._file.flush()
         except OSError as e:
-            _log.error("Cannot write --access-log {path} ({why})", path=self.path, why=e.strerror)
+            if not self._failing:
+                self._failing = True
+                _log.error(
+                    "Cannot write --access-log {path} ({why}); lines are lost until it can be",
+                    path=self.path,
+                    why=e.strerror,
+                )
+            return
+        if self._failing:
+            self._failing = False
+            _log.info("Writing --access-log {path} again", path=self.path)
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
+            _close(self._file)
             self._file = None
+
+
+def _close(file: TextIO) -> None:
+    """Close C{file}; lines its last flush could not write (a full disk) are lost."""
+    try:
+        file.close()
+    except OSError:
+        pass
 
 
 class BatchedAccessLines:

@@ -53,6 +53,8 @@ from twisted.web.error import UnsupportedMethod
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from llmgw.startup import cannot_listen_message, refuse_to_start
+
 DEFAULT_MODEL = "TheBloke/Mistral-7B-Instruct-v0.2-AWQ"
 
 FAULTS = ("none", "hang", "reset", "garbage", "500", "503", "429", "slow-first-byte")
@@ -99,6 +101,81 @@ def error_body(status: int, message: str) -> bytes:
     """The one place the mock builds the OpenAI error shape (as recent vLLM sends it)."""
     kind = _ERROR_TYPES.get(status, "Error")
     return _json_bytes({"error": {"message": message, "type": kind, "param": None, "code": status}})
+
+
+def chat_completion_body(
+    request_id: str, created: int, model: str, text: str, usage: Mapping[str, int]
+) -> dict[str, Any]:
+    """
+    vLLM's non-streamed C{chat.completion}, with every field its OpenAI server
+    sends (an assistant message with C{tool_calls: []}, and the rest null), so
+    that clients meet the shapes they will meet in production.
+    """
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": text,
+        "refusal": None,
+        "annotations": None,
+        "audio": None,
+        "function_call": None,
+        "tool_calls": [],
+        "reasoning_content": None,
+    }
+    return {
+        "id": request_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": message,
+                "logprobs": None,
+                "finish_reason": "stop",
+                "stop_reason": None,
+            }
+        ],
+        "service_tier": None,
+        "system_fingerprint": None,
+        "usage": {**usage, "prompt_tokens_details": None},
+        "prompt_logprobs": None,
+        "kv_transfer_params": None,
+    }
+
+
+def model_listing(
+    model: str, created: int, permission_id: str = "modelperm-mock", max_model_len: int = 32768
+) -> dict[str, Any]:
+    """vLLM's C{GET /v1/models} body for its one served model."""
+    permission = {
+        "id": permission_id,
+        "object": "model_permission",
+        "created": created,
+        "allow_create_engine": False,
+        "allow_sampling": True,
+        "allow_logprobs": True,
+        "allow_search_indices": False,
+        "allow_view": True,
+        "allow_fine_tuning": False,
+        "organization": "*",
+        "group": None,
+        "is_blocking": False,
+    }
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": model,
+                "object": "model",
+                "created": created,
+                "owned_by": "vllm",
+                "root": model,
+                "parent": None,
+                "max_model_len": max_model_len,
+                "permission": [permission],
+            }
+        ],
+    }
 
 
 def _answer(request: Request, status: int, content_type: bytes, body: bytes) -> None:
@@ -349,38 +426,7 @@ class Generation:
 
     def _whole_reply(self) -> bytes:
         c = self._completion
-        message: dict[str, Any] = {
-            "role": "assistant",
-            "content": c.text,
-            "refusal": None,
-            "annotations": None,
-            "audio": None,
-            "function_call": None,
-            "tool_calls": [],
-            "reasoning_content": None,
-        }
-        return _json_bytes(
-            {
-                "id": self._id,
-                "object": "chat.completion",
-                "created": self._created,
-                "model": c.model,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": message,
-                        "logprobs": None,
-                        "finish_reason": "stop",
-                        "stop_reason": None,
-                    }
-                ],
-                "service_tier": None,
-                "system_fingerprint": None,
-                "usage": {**c.usage, "prompt_tokens_details": None},
-                "prompt_logprobs": None,
-                "kv_transfer_params": None,
-            }
-        )
+        return _json_bytes(chat_completion_body(self._id, self._created, c.model, c.text, c.usage))
 
     def _event(self, choices: list[dict[str, Any]], **extra: object) -> bytes:
         chunk = {
@@ -499,37 +545,7 @@ class Models(_JsonResource):
         self._model = model
 
     def render_GET(self, request: Request) -> bytes:
-        name = self._model.served_model
-        created = int(self._model.clock.seconds())
-        permission = {
-            "id": "modelperm-mock",
-            "object": "model_permission",
-            "created": created,
-            "allow_create_engine": False,
-            "allow_sampling": True,
-            "allow_logprobs": True,
-            "allow_search_indices": False,
-            "allow_view": True,
-            "allow_fine_tuning": False,
-            "organization": "*",
-            "group": None,
-            "is_blocking": False,
-        }
-        listing = {
-            "object": "list",
-            "data": [
-                {
-                    "id": name,
-                    "object": "model",
-                    "created": created,
-                    "owned_by": "vllm",
-                    "root": name,
-                    "parent": None,
-                    "max_model_len": 32768,
-                    "permission": [permission],
-                }
-            ],
-        }
+        listing = model_listing(self._model.served_model, int(self._model.clock.seconds()))
         request.setHeader(b"content-type", _JSON)
         return _json_bytes(listing)
 
@@ -637,8 +653,6 @@ class MockService(Service):
         if failures:
             error = failures[0].value
             if isinstance(error, CannotListenError):
-                from llmgw.service import cannot_listen_message, refuse_to_start
-
                 refuse_to_start(cannot_listen_message(error, "--port", "--bindip"))
             failures[0].raiseException()
 

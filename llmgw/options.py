@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import attrs
 from twisted.python import usage
 
+from llmgw.files import load_trust_root, read_client_keys, read_secret
 from llmgw.validation import RECONFIGURING_FIELDS
 
 #: The console script's name, and the twistd plugin's.
@@ -342,7 +343,14 @@ class Options(usage.Options):
             None,
             "PEM bundle to trust for the model server (default: the platform trust store).",
         ],
-        ["timeout", None, 600.0, "Seconds to wait for the model server's reply headers.", _seconds],
+        [
+            "timeout",
+            None,
+            600.0,
+            "Seconds to wait for the model server's reply headers and, for a reply that "
+            "is not streamed, the whole reply.",
+            _seconds,
+        ],
         [
             "connect-timeout",
             None,
@@ -550,16 +558,17 @@ class Options(usage.Options):
             if path is not None and not (os.path.isfile(path) and os.access(path, os.R_OK)):
                 raise usage.UsageError(f"--{flag} {path!r}: no such readable file")
         if self["aica"] is not None:
-            from llmgw.upstream import load_trust_root
-
             try:
                 load_trust_root(self["aica"])
             except (OSError, ValueError) as e:
                 raise usage.UsageError(f"--aica {self['aica']!r}: {e}") from None
-        from llmgw.keys import KeyRing
-
+        # Read as the gateway will read them (llmgw.keys), so that a file
+        # accepted here is one it can use.
         try:
-            KeyRing(self["aikey-file"], self["api-keys-file"])
+            if self["aikey-file"] is not None:
+                read_secret(self["aikey-file"])
+            if self["api-keys-file"] is not None:
+                read_client_keys(self["api-keys-file"])
         except (OSError, ValueError) as e:
             raise usage.UsageError(f"key file: {e}") from None
         access_log = self["access-log"]

@@ -190,6 +190,13 @@ class CircuitBreaker:
         self.open_until = None
         self.probing = False
 
+    def probe_void(self) -> None:
+        """
+        The probe's question was given up for its own deadline, not Redis':
+        it tells nothing, so the next question probes instead.
+        """
+        self.probing = False
+
     def failed(self, now: float) -> bool:
         """Count a failure; return whether it opened the breaker."""
         self.failures += 1
@@ -275,6 +282,7 @@ class RedisSlidingWindowLimiter:
             return fail(DeadlinePassed())
         if not self.breaker.allows(now):
             return self._fallback_decides(key)
+        probe = self.breaker.open_until is not None
         redis = self.redis
         if redis is None or not redis.connected:
             self._failed(now, "not connected")
@@ -290,7 +298,7 @@ class RedisSlidingWindowLimiter:
         except Exception as e:
             self._failed(now, str(e) or type(e).__name__)
             return self._fallback_decides(key)
-        timer = self.clock.callLater(budget, self._too_late, result, key, deadline_first)
+        timer = self.clock.callLater(budget, self._too_late, result, key, deadline_first, probe)
 
         def answered(values: Any) -> None:
             if result.called:
@@ -368,8 +376,12 @@ class RedisSlidingWindowLimiter:
         self._last_receipt = receipt
         return receipt
 
-    def _too_late(self, result: Deferred[Admission], key: str, deadline_first: bool) -> None:
+    def _too_late(
+        self, result: Deferred[Admission], key: str, deadline_first: bool, probe: bool
+    ) -> None:
         if deadline_first:
+            if probe:
+                self.breaker.probe_void()
             result.errback(DeadlinePassed())
             return
         self._failed(self.clock.seconds(), f"no answer within {self.timeout:g} s")

@@ -8,13 +8,11 @@ the socket and hands it to worker processes (L{llmgw.cluster}).
 
 from __future__ import annotations
 
-import errno
 import ipaddress
 import os
 import signal
-import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NoReturn, TextIO, cast
+from typing import TYPE_CHECKING, Any, TextIO, cast
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
@@ -49,6 +47,12 @@ if TYPE_CHECKING:
     from llmgw.cluster import Supervisor
     from llmgw.redisstore import RedisSlidingWindowLimiter
 from llmgw.site import GatewaySite
+from llmgw.startup import (
+    StartupFailure,
+    cannot_listen_message,
+    refuse_to_start,
+    socket_error_text,
+)
 from llmgw.upstream import UpstreamClient
 
 __all__ = ["Options", "StartupFailure", "makeService", "make_service"]
@@ -118,67 +122,6 @@ def listening_endpoint(config: Config, reactor: IReactorTCP, backlog: int = 1024
     if ipaddress.ip_address(config.bindip).version == 6:
         return TCP6ServerEndpoint(reactor, config.bindport, backlog, config.bindip)
     return TCP4ServerEndpoint(reactor, config.bindport, backlog, config.bindip)
-
-
-class StartupFailure(SystemExit, Exception):
-    """
-    Start-up cannot go on, for a reason the operator fixes with a flag.
-
-    A L{SystemExit} with status 1, so that neither twistd nor Python prints a
-    traceback on the way out; an L{Exception} too, so that a daemonizing
-    twistd still reports it, message and all, to the command that started it.
-    """
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.code = 1
-
-
-def refuse_to_start(message: str) -> NoReturn:
-    """
-    Tell the operator why, in one line on the real standard error (twistd has
-    turned C{sys.stderr} into log events by now), and end start-up.  A daemon's
-    standard error is C{/dev/null}: its log file gets the line instead, and
-    twistd passes the message on to the command that started it.
-    """
-    stderr = sys.__stderr__
-    if stderr is None or _is_dev_null(stderr):
-        log.error("{line}", line=message)
-    else:
-        stderr.write(message + "\n")
-        stderr.flush()
-    raise StartupFailure(message)
-
-
-def _is_dev_null(stream: TextIO) -> bool:
-    try:
-        return os.path.samestat(os.fstat(stream.fileno()), os.stat(os.devnull))
-    except (OSError, ValueError):
-        return True
-
-
-def cannot_listen_message(
-    error: CannotListenError, port_flag: str = "--bindport", ip_flag: str = "--bindip"
-) -> str:
-    """
-    C{--bindport 42069: address already in use}: what went wrong, named by
-    the flag that fixes it, the port's for a busy or privileged port and the
-    address's for an address this host does not have.
-    """
-    code = getattr(error.socketError, "errno", None)
-    text = _socket_error_text(error)
-    if code == errno.EADDRNOTAVAIL:
-        return f"{ip_flag} {error.interface}: {text}"
-    if code in (errno.EADDRINUSE, errno.EACCES):
-        return f"{port_flag} {error.port}: {text}"
-    return f"{ip_flag} {error.interface} {port_flag} {error.port}: {text}"
-
-
-def _socket_error_text(error: CannotListenError) -> str:
-    reason = error.socketError
-    code = getattr(reason, "errno", None)
-    text = os.strerror(code) if isinstance(code, int) else str(reason)
-    return text[:1].lower() + text[1:]
 
 
 class GatewayService(MultiService):
@@ -352,7 +295,7 @@ class MetricsListener(StreamServerEndpointService):
         try:
             super().privilegedStartService()  # type: ignore[no-untyped-call]
         except CannotListenError as error:
-            refuse_to_start(f"--metrics-bind {self.bind}: {_socket_error_text(error)}")
+            refuse_to_start(f"--metrics-bind {self.bind}: {socket_error_text(error)}")
 
     def stopService(self) -> Deferred[None]:
         if self.keep_until is None:
@@ -497,7 +440,11 @@ def make_service(
 
         supervisor = Supervisor(config, reactor, colour=use_colour())
         supervisor.access_log = access_log
+        supervisor.keys = keys
         _ClusterExit(reactor).setServiceParent(top)  # type: ignore[no-untyped-call]
+        # Before the supervisor, so that it is stopped after the workers drained:
+        # the requests in hand are still admitted by the shared limit.
+        supervisor.rate_store = shared_rate_store(config, reactor, supervisor.limiter, top)
         cluster_metrics = metrics_listener(
             config,
             reactor,
@@ -512,7 +459,6 @@ def make_service(
         supervisor.health = health_checker(config, keys, reactor, supervisor.replica_state_changed)
         if supervisor.health is not None:
             supervisor.health.setServiceParent(top)  # type: ignore[no-untyped-call]
-        supervisor.rate_store = shared_rate_store(config, reactor, supervisor.limiter, top)
         if supervisor.limiter is not None:
             SweepService(supervisor.limiter, reactor).setServiceParent(top)  # type: ignore[no-untyped-call]
         commands: ConsoleCommands = ClusterCommands(supervisor, reactor)

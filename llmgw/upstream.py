@@ -17,12 +17,11 @@ import treq
 from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet import error as neterror
-from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
-from twisted.internet.ssl import Certificate, platformTrust, trustRootFromCertificates
+from twisted.internet.ssl import platformTrust
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web._newclient import (
@@ -47,33 +46,13 @@ from zope.interface import implementer
 
 from llmgw import errors
 from llmgw.errors import ApiError
+from llmgw.files import load_trust_root
 from llmgw.options import Config
 from llmgw.record import RequestRecord
 
 log = Logger()
 
-_PEM_BEGIN = b"-----BEGIN CERTIFICATE-----"
-
 T = TypeVar("T")
-
-
-def load_trust_root(path: str) -> IOpenSSLTrustRoot:
-    """
-    Trust exactly the certificates in a PEM bundle.
-
-    @raise ValueError: the file holds no certificate, or one that does not parse.
-    """
-    with open(path, "rb") as f:
-        pem = f.read()
-    blocks = [_PEM_BEGIN + block for block in pem.split(_PEM_BEGIN)[1:]]
-    if not blocks:
-        raise ValueError("no PEM certificate in the file")
-    try:
-        certificates = [Certificate.loadPEM(block) for block in blocks]
-    except Exception as e:
-        raise ValueError(f"a certificate does not parse ({e})") from None
-    trust: IOpenSSLTrustRoot = trustRootFromCertificates(certificates)
-    return trust
 
 
 def _describe(failure: Failure, origin: str | None) -> str:

@@ -14,11 +14,9 @@ from twisted.trial.unittest import TestCase
 
 from llmgw.devtls import make_ca
 from llmgw.headers import HARDENING_HEADERS
-from llmgw.health import HealthChecker
 from llmgw.keys import KeyRing
 from llmgw.mock import DEFAULT_MODEL, Behaviour
 from llmgw.ratelimit import SlidingWindowLimiter
-from llmgw.upstream import UpstreamClient
 from tests.loopback import (
     JSON_HEADERS,
     Gateway,
@@ -37,6 +35,7 @@ from tests.loopback import (
     start_upstream,
     write_ca,
 )
+from tests.test_health import start_checks
 
 
 class HeadersMixin:
@@ -470,17 +469,7 @@ class ReplicaTests(HeadersMixin, TestCase):
             changes.append((name, up))
             gateway.resource.router.set_health(name, up, models)
 
-        config = gateway.resource.config
-        checker = HealthChecker(
-            config.upstreams,
-            UpstreamClient(reactor, config),
-            KeyRing(None, None),
-            reactor,
-            0.1,
-            changed,
-        )
-        checker.startService()
-        self.addCleanup(checker.stopService)
+        start_checks(self, gateway.resource.config, changed)
         return changes
 
     def assertNoDrift(self, gateway: Gateway) -> None:

@@ -22,6 +22,7 @@ from llmgw.health import (
     CHECK_DEADLINE,
     HealthChecker,
     Models,
+    OnChange,
     decode_models,
     encode_models,
     parse_model_listing,
@@ -50,6 +51,27 @@ QWEN = ({"id": "qwen", "object": "model"},)
 
 def listing(*models: dict[str, Any]) -> dict[str, Any]:
     return {"object": "list", "data": list(models)}
+
+
+def start_checks(
+    test: TestCase, config: Config, on_change: OnChange, interval: float = 0.1
+) -> HealthChecker:
+    """
+    The parent's checks of C{config}'s replicas, over real connections on the
+    real reactor every C{interval} seconds, without an upstream key; stopped
+    with the test.
+    """
+    checker = HealthChecker(
+        config.upstreams,
+        UpstreamClient(reactor, config),
+        KeyRing(None, None),
+        reactor,
+        interval,
+        on_change,
+    )
+    checker.startService()
+    test.addCleanup(checker.stopService)
+    return checker
 
 
 class FakeUpstream:
@@ -276,16 +298,11 @@ class LoopbackTests(TestCase):
         second = start_upstream(self, ca=ca, served_model="qwen")
         config = replicas_config(first.ca_file, [first.port, second.port])
         changes: list[tuple[str, bool, list[str]]] = []
-        checker = HealthChecker(
-            config.upstreams,
-            UpstreamClient(reactor, config),
-            KeyRing(None, None),
-            reactor,
-            0.1,
+        start_checks(
+            self,
+            config,
             lambda name, up, models: changes.append((name, up, [m["id"] for m in models or ()])),
         )
-        checker.startService()
-        self.addCleanup(checker.stopService)
         await eventually(lambda: len(changes) == 2)
         first_name, second_name = config.upstreams
         self.assertEqual(

@@ -13,54 +13,11 @@ from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublish
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from llmgw.keys import KeyRing, bearer_token, read_keys, read_secret
+from llmgw.keys import KeyRing, bearer_token
 
 UPSTREAM = b"sk-upstream-Secret-0123"
 CLIENT_A = b"sk-client-Alpha-4567"
 CLIENT_B = b"sk-client-Bravo-89ab"
-
-
-class FileTests(SynchronousTestCase):
-    def write(self, content: bytes) -> str:
-        path = Path(self.mktemp())
-        path.write_bytes(content)
-        return str(path)
-
-    def test_keys_with_comments_and_blank_lines(self) -> None:
-        path = self.write(
-            b"# client keys for the gateway\n"
-            b"\n"
-            b"sk-one\n"
-            b"   \t\n"
-            b"  sk-two  \n"
-            b"sk-three # the intern's key\n"
-            b"#sk-disabled\n"
-            b"   # indented comment\n"
-            b"sk-four\r\n"
-            b"sk-five"
-        )
-        self.assertEqual(
-            read_keys(path), [b"sk-one", b"sk-two", b"sk-three", b"sk-four", b"sk-five"]
-        )
-
-    def test_empty_file(self) -> None:
-        self.assertEqual(read_keys(self.write(b"")), [])
-
-    def test_only_comments(self) -> None:
-        self.assertEqual(read_keys(self.write(b"# nothing\n\n  # here\n")), [])
-
-    def test_missing_file(self) -> None:
-        self.assertRaises(OSError, read_keys, self.mktemp())
-
-    def test_secret_is_first_key(self) -> None:
-        path = self.write(b"# upstream\n\n  " + UPSTREAM + b"  \nsk-second\n")
-        self.assertEqual(read_secret(path), UPSTREAM)
-
-    def test_secret_from_file_without_newline(self) -> None:
-        self.assertEqual(read_secret(self.write(UPSTREAM)), UPSTREAM)
-
-    def test_secret_missing_is_value_error(self) -> None:
-        self.assertRaises(ValueError, read_secret, self.write(b"# no key\n\n"))
 
 
 class BearerTokenTests(SynchronousTestCase):

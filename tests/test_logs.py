@@ -518,6 +518,30 @@ class AccessLogFileTests(SynchronousTestCase):
         [error] = [e for e in events if "reopen" in e.get("log_format", "")]
         self.assertEqual(error["why"], "No such file or directory")
 
+    def test_failing_writes_are_logged_once_until_one_succeeds(self) -> None:
+        """
+        A full disk fails every batch, many a second under load: one error
+        says so, and one line says when the lines are written again.
+        """
+        events = EventList()
+        globalLogPublisher.addObserver(events)
+        self.addCleanup(globalLogPublisher.removeObserver, events)
+        path = self.path
+        self.file.path = "/dev/full"
+        self.file.reopen()
+        for _ in range(3):
+            self.file.write("lost\n")
+        self.file.path = path
+        self.file.reopen()
+        self.file.write("a\n")
+        self.file.write("b\n")
+        logged = [e for e in events if "access-log" in e["log_format"]]
+        self.assertEqual(
+            [(e["log_level"].name, e.get("why")) for e in logged],
+            [("error", "No space left on device"), ("info", None)],
+        )
+        self.assertEqual(self.read(path), "a\nb\n")
+
     def test_open_failure_raises(self) -> None:
         missing = AccessLogFile(os.path.join(self.mktemp(), "access.log"))
         self.assertRaises(FileNotFoundError, missing.open)

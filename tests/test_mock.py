@@ -12,6 +12,8 @@ sees them; a few tests use real loopback sockets, with TLS from `llmgw.devtls`.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -45,7 +47,7 @@ from llmgw.mock import (
     makeService,
     split_evenly,
 )
-from llmgw.service import StartupFailure
+from llmgw.startup import StartupFailure
 from tests.test_service import TWISTD, run_to_exit
 
 NOW = 1_700_000_000
@@ -782,6 +784,34 @@ class ServiceTests(unittest.TestCase):
         failure = self.assertRaises(StartupFailure, second.startService)
         message = f"--port {port_of(first)}: address already in use"
         self.assertEqual((str(failure), stderr.read_text()), (message, message + "\n"))
+
+    def test_bind_failure_stays_below_the_gateway_service(self) -> None:
+        """
+        The stand-in refuses to start the gateway's way without reaching up
+        into L{llmgw.service}, which composes the gateway (layers point one way).
+        """
+        first = start(self)
+        program = (
+            "import sys\n"
+            "from llmgw.mock import MockOptions, makeService\n"
+            "options = MockOptions()\n"
+            "options.parseOptions(sys.argv[1:])\n"
+            "sys.__stderr__ = open('/dev/null', 'w')\n"
+            "try:\n"
+            "    makeService(options).startService()\n"
+            "except SystemExit as e:\n"
+            "    print(type(e).__name__, e, 'llmgw.service' in sys.modules)\n"
+        )
+        output = subprocess.run(
+            [sys.executable, "-c", program, f"--port={port_of(first)}"],
+            check=True,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        ).stdout
+        self.assertEqual(
+            output, f"StartupFailure --port {port_of(first)}: address already in use False\n"
+        )
 
     async def _test_busy_port_under_twistd(self) -> None:
         first = start(self)

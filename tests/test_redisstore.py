@@ -50,7 +50,8 @@ from llmgw.redisstore import (
     TxRedisConnection,
     redis_key,
 )
-from llmgw.service import StartupFailure, make_service
+from llmgw.service import make_service
+from llmgw.startup import StartupFailure
 from llmgw.worker import RemoteLimiter
 from tests.loopback import (
     chat_body,
@@ -63,6 +64,7 @@ from tests.loopback import (
     start_upstream,
 )
 from tests.test_cluster import serving, start_gateway_process
+from tests.test_options import parse
 from tests.test_worker import LoopbackAMP
 
 
@@ -94,14 +96,6 @@ def without_txredisapi(test: SynchronousTestCase) -> None:
 REDIS_SERVER = shutil.which("redis-server") or (
     "/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None
 )
-
-
-def parse(*argv: str) -> Config:
-    options = Options()
-    options.parseOptions(list(argv))
-    config = options.config
-    assert isinstance(config, Config)
-    return config
 
 
 class RateStoreAddressTests(SynchronousTestCase):
@@ -395,6 +389,27 @@ class RedisLimiterTests(SynchronousTestCase):
         limiter.admit("c")
         self.assertEqual(len(redis.calls), 7)
 
+    def test_probe_void_by_the_deadline_lets_the_next_question_probe(self) -> None:
+        """
+        A probe the worker stopped waiting for says nothing of Redis: the next
+        question probes again, rather than Redis being skipped for good.
+        """
+        limiter, redis, clock = store(limit=100)
+        for _ in range(5):
+            limiter.admit("c")
+            clock.advance(0.25)
+        clock.advance(5)
+        probe = results(limiter.decide("c", deadline=clock.seconds() + 0.1))
+        self.assertEqual(len(redis.calls), 6)
+        clock.advance(0.1)
+        self.assertIsInstance(probe[0].value, DeadlinePassed)
+        decided = results(limiter.admit("c"))
+        self.assertEqual(len(redis.calls), 7)
+        redis.answer([1, 99, 60])
+        self.assertEqual(decided, [Decision(True, 100, 60, 99, 60)])
+        limiter.admit("c")
+        self.assertEqual(len(redis.calls), 8)
+
     def test_fallback_starts_from_this_hosts_admissions(self) -> None:
         """Redis admitted two here; when it fails, the local limit of 3 has one left."""
         limiter, redis, _ = store()
@@ -571,6 +586,21 @@ class WiringTests(SynchronousTestCase):
         self.assertIsInstance(supervisor.rate_store, RedisSlidingWindowLimiter)
         assert supervisor.rate_store is not None
         self.assertIs(supervisor.rate_store.fallback, supervisor.limiter)
+
+    def test_store_stops_after_the_drain(self) -> None:
+        """
+        MultiService stops its children in reverse: the store must be added
+        before what drains, so that requests in hand during --grace are still
+        admitted by Redis, not refused (closed) or counted alone (local).
+        """
+        self.needs_txredisapi()
+        from llmgw.cluster import Supervisor
+        from llmgw.service import DrainService
+
+        for workers, drainer in ((1, DrainService), (2, Supervisor)):
+            config = Config(workers=workers, rate_store="redis://127.0.0.1:1/0")
+            kinds = [type(s) for s in make_service(config, MemoryReactorClock(), console=False)]
+            self.assertLess(kinds.index(RateStoreService), kinds.index(drainer))
 
     def test_missing_extra(self) -> None:
         self.patch(sys, "__stderr__", None)

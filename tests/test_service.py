@@ -32,14 +32,12 @@ from llmgw.service import (
     KeyReloadService,
     LocalCommands,
     MetricsListener,
-    StartupFailure,
     SweepService,
-    cannot_listen_message,
     clear_exit_signal,
     make_service,
-    refuse_to_start,
 )
 from llmgw.site import GatewaySite
+from llmgw.startup import StartupFailure, cannot_listen_message, refuse_to_start
 from tests.loopback import (
     eventually,
     free_port,
@@ -322,6 +320,24 @@ class KeyReloadTests(TestCase):
         self.flushLoggedErrors()
 
     @inline
+    async def test_sighup_reloads_the_parents_keys_for_the_health_checks(self) -> None:
+        """
+        With workers, the parent checks the replicas with the upstream key: a
+        SIGHUP must rotate it there too, or every replica goes down once the
+        model servers accept only the new key.
+        """
+        path = Path(self.mktemp())
+        path.write_bytes(b"old-key\n")
+        upstreams = ("https://127.0.0.1:8001", "https://127.0.0.1:8002")
+        config = Config(workers=2, upstreams=upstreams, aikey_file=str(path))
+        top = make_service(config, reactor, console=False)
+        (supervisor,) = [s for s in top if isinstance(s, Supervisor)]
+        (checker,) = [s for s in top if isinstance(s, HealthChecker)]
+        path.write_bytes(b"new-key\n")
+        supervisor._forward_hangup(signal.SIGHUP, None)
+        await eventually(lambda: checker.keys.upstream_authorization == b"Bearer new-key")
+
+    @inline
     async def test_sighup_reopens_the_access_log(self) -> None:
         path = self.mktemp()
         access_log = AccessLogFile(path)
@@ -404,7 +420,7 @@ class RefuseToStartTests(SynchronousTestCase):
         self.stderr(os.devnull)
         events = capture_events(self)
         self.assertRaises(StartupFailure, refuse_to_start, "--bindport 1: why")
-        [event] = [e for e in events if e.get("log_namespace") == "llmgw.service"]
+        [event] = [e for e in events if e.get("log_namespace") == "llmgw.startup"]
         self.assertEqual((event["log_level"].name, event["line"]), ("error", "--bindport 1: why"))
 
 
@@ -495,12 +511,12 @@ class BusyPortProcessTests(TestCase):
             (out, err, code),
             (
                 "",
-                f"An error has occurred: b'llmgw.service.StartupFailure: {message}'\n"
+                f"An error has occurred: b'llmgw.startup.StartupFailure: {message}'\n"
                 "Please look at log file for more information.\n",
                 1,
             ),
         )
         await eventually(lambda: not pidfile.exists(), timeout=10)
         log = logfile.read_text()
-        self.assertIn(f" [llmgw.service#error] {message}\n", log)
+        self.assertIn(f" [llmgw.startup#error] {message}\n", log)
         self.assertNotIn("Traceback", log)

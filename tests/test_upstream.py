@@ -15,7 +15,7 @@ from twisted.web.http_headers import Headers
 
 from llmgw.mock import Behaviour
 from llmgw.record import Attempt, RequestRecord
-from llmgw.upstream import EventStreamRelay, load_trust_root
+from llmgw.upstream import EventStreamRelay
 from tests.loopback import (
     CHAT,
     JSON_HEADERS,
@@ -89,6 +89,21 @@ def raw_request(test: TestCase, port: int, body: bytes, rcvbuf: int | None = Non
     sock.sendall(http_post(body))
     sock.setblocking(False)
     return sock
+
+
+async def first_event(sock: socket.socket) -> bytes:
+    """Read a L{raw_request}'s reply until its first SSE event is in; return what came."""
+    received = bytearray()
+
+    def has_first_event() -> bool:
+        try:
+            received.extend(sock.recv(65536))
+        except BlockingIOError:
+            pass
+        return b"data: " in received
+
+    await eventually(has_first_event)
+    return bytes(received)
 
 
 class StreamTests(TestCase):
@@ -173,17 +188,7 @@ class CancellationTests(TestCase):
         upstream = start_upstream(self, defaults=Behaviour(chunks=50, interval=0.2))
         gateway = start_gateway(self, gateway_config(upstream))
         sock = raw_request(self, gateway.port, chat_body(stream=True))
-        received = bytearray()
-
-        def first_event() -> bool:
-            try:
-                received.extend(sock.recv(65536))
-            except BlockingIOError:
-                pass
-            return b"data: " in received
-
-        await eventually(first_event)
-        self.assertIn(b"200 OK", bytes(received))
+        self.assertIn(b"200 OK", await first_event(sock))
         sock.close()
         await eventually(lambda: upstream.model.cancelled == 1, timeout=1.0)
         self.assertEqual(upstream.model.completed, 0)
@@ -360,20 +365,6 @@ class StaleConnectionTests(TestCase):
         self.assertEqual((server.requests, server.connections), (2, 1))
 
 
-class TrustRootTests(SynchronousTestCase):
-    def test_empty_bundle(self) -> None:
-        path = self.mktemp()
-        with open(path, "wb") as f:
-            f.write(b"not a certificate\n")
-        self.assertRaises(ValueError, load_trust_root, path)
-
-    def test_broken_certificate(self) -> None:
-        path = self.mktemp()
-        with open(path, "wb") as f:
-            f.write(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
-        self.assertRaises(ValueError, load_trust_root, path)
-
-
 class VLLMWebStackTests(TestCase):
     """
     The gateway in front of vLLM's own web stack: a real uvicorn process
@@ -497,16 +488,7 @@ class StreamRecordTests(TestCase):
         upstream = start_upstream(self, defaults=Behaviour(chunks=50, interval=0.2))
         gateway = start_gateway(self, gateway_config(upstream))
         sock = raw_request(self, gateway.port, chat_body(stream=True))
-        received = bytearray()
-
-        def first_event() -> bool:
-            try:
-                received.extend(sock.recv(65536))
-            except BlockingIOError:
-                pass
-            return b"data: " in received
-
-        await eventually(first_event)
+        await first_event(sock)
         sock.close()
         await eventually(lambda: len(gateway.records) == 1)
         [record] = gateway.records

@@ -33,6 +33,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.http_headers import Headers
 
 from llmgw.devtls import issue_server_certificate, make_ca
+from llmgw.mock import chat_completion_body, model_listing
 from tests.loopback import Reply, free_port, reactor
 
 try:
@@ -60,36 +61,7 @@ def vllm_error(status: int, message: str, kind: str) -> dict[str, Any]:
 
 def model_list(created: int) -> dict[str, Any]:
     """vLLM's C{GET /v1/models} body for one served model."""
-    return {
-        "object": "list",
-        "data": [
-            {
-                "id": SERVED_MODEL,
-                "object": "model",
-                "created": created,
-                "owned_by": "vllm",
-                "root": SERVED_MODEL,
-                "parent": None,
-                "max_model_len": MAX_MODEL_LEN,
-                "permission": [
-                    {
-                        "id": f"modelperm-{created}",
-                        "object": "model_permission",
-                        "created": created,
-                        "allow_create_engine": False,
-                        "allow_sampling": True,
-                        "allow_logprobs": True,
-                        "allow_search_indices": False,
-                        "allow_view": True,
-                        "allow_fine_tuning": False,
-                        "organization": "*",
-                        "group": None,
-                        "is_blocking": False,
-                    }
-                ],
-            }
-        ],
-    }
+    return model_listing(SERVED_MODEL, created, f"modelperm-{created}", MAX_MODEL_LEN)
 
 
 def last_user_text(document: dict[str, Any]) -> str:
@@ -104,40 +76,12 @@ def last_user_text(document: dict[str, Any]) -> str:
 def completion(request_id: str, created: int, text: str, prompt: str) -> dict[str, Any]:
     """vLLM's non-streamed C{chat.completion} body."""
     prompt_tokens, completion_tokens = len(prompt.split()), len(text.split())
-    return {
-        "id": request_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": SERVED_MODEL,
-        "choices": [
-            {
-                "index": 0,
-                "message": {
-                    "role": "assistant",
-                    "content": text,
-                    "refusal": None,
-                    "annotations": None,
-                    "audio": None,
-                    "function_call": None,
-                    "tool_calls": [],
-                    "reasoning_content": None,
-                },
-                "logprobs": None,
-                "finish_reason": "stop",
-                "stop_reason": None,
-            }
-        ],
-        "service_tier": None,
-        "system_fingerprint": None,
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "completion_tokens": completion_tokens,
-            "prompt_tokens_details": None,
-        },
-        "prompt_logprobs": None,
-        "kv_transfer_params": None,
+    usage = {
+        "prompt_tokens": prompt_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "completion_tokens": completion_tokens,
     }
+    return chat_completion_body(request_id, created, SERVED_MODEL, text, usage)
 
 
 def chunk(request_id: str, created: int, delta: dict[str, str], finish: str | None) -> bytes:
