@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 import ipaddress
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import Any, ClassVar, NoReturn
@@ -85,6 +86,11 @@ class Config:
         return self.upstreams or (self.upstream_base.decode(),)
 
 
+def _without_credentials(url: str) -> str:
+    """C{url} with any user and password masked, fit to be printed back."""
+    return re.sub(r"(?<=//)[^/?#]*@", "***@", url)
+
+
 def upstream_origin(url: str) -> str:
     """
     The origin C{scheme://host:port} of an C{--upstream} URL, checked.
@@ -97,10 +103,10 @@ def upstream_origin(url: str) -> str:
     scheme = parts.scheme.lower()
     if scheme not in ("https", "http") or not parts.netloc:
         raise ValueError("give it as https://host:port or http://host:port")
-    if parts.netloc.count(":") > 1 and "[" not in parts.netloc:
-        raise ValueError("put IPv6 addresses in brackets, as https://[::1]:8000")
     if parts.username is not None or parts.password is not None:
         raise ValueError("credentials do not belong in the URL; put the key in --aikey-file")
+    if parts.netloc.count(":") > 1 and "[" not in parts.netloc:
+        raise ValueError("put IPv6 addresses in brackets, as https://[::1]:8000")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise ValueError("give the origin alone, without a path: requests go to its /v1/...")
     try:
@@ -516,12 +522,13 @@ class Options(usage.Options):
 
     def opt_upstream(self, url: str) -> None:
         """A model server replica, as https://host:port (repeatable; replaces --aihost)."""
+        shown = _without_credentials(url)
         try:
             origin = upstream_origin(url)
         except ValueError as e:
-            raise usage.UsageError(f"--upstream {url!r}: {e}") from None
+            raise usage.UsageError(f"--upstream {shown!r}: {e}") from None
         if origin in self["upstreams"]:
-            raise usage.UsageError(f"--upstream {url!r} is given twice")
+            raise usage.UsageError(f"--upstream {shown!r} is given twice")
         self["upstreams"].append(origin)
 
     def postOptions(self) -> None:

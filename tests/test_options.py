@@ -636,3 +636,344 @@ class AccessLogFlagTests(SynchronousTestCase):
         directory = self.mktemp()
         os.mkdir(directory)
         self.assertRaises(usage.UsageError, parse, "--access-log", directory)
+
+
+# --- Several model servers (issue 10): --upstream and its numeric flags. ---
+# Kept in one block at the end of the module; documentation addresses only.
+
+A_REPLICA = "https://192.0.2.10:8000"
+ANOTHER_REPLICA = "https://192.0.2.11:8000"
+COMBINED = (
+    "give the model servers either as --upstream https://host:port (repeatable) "
+    "or as --aihost/--aihostport/--aischeme"
+)
+NOT_AN_ORIGIN = "give it as https://host:port or http://host:port"
+IPV6_IN_BRACKETS = "put IPv6 addresses in brackets, as https://[::1]:8000"
+NO_CREDENTIALS = "credentials do not belong in the URL; put the key in --aikey-file"
+NO_PATH = "give the origin alone, without a path: requests go to its /v1/..."
+BAD_PORT = "the port is not a number from 1 to 65535"
+BAD_HOST = "the host is missing or malformed (put IPv6 addresses in brackets)"
+
+
+def refusal(case: SynchronousTestCase, *argv: str) -> str:
+    """The message of the usage error that C{argv} ends in."""
+    error = case.assertRaises(usage.UsageError, Options().parseOptions, list(argv))
+    return str(error)
+
+
+class UpstreamFlagTests(SynchronousTestCase):
+    """C{--upstream} accepts an origin in several spellings and keeps it canonical."""
+
+    def upstreams(self, *urls: str) -> tuple[str, ...]:
+        argv: list[str] = []
+        for url in urls:
+            argv += ["--upstream", url]
+        return parse(*argv).upstreams
+
+    def test_https(self) -> None:
+        self.assertEqual(self.upstreams("https://192.0.2.10:8443"), ("https://192.0.2.10:8443",))
+
+    def test_http(self) -> None:
+        self.assertEqual(self.upstreams("http://192.0.2.10:8000"), ("http://192.0.2.10:8000",))
+
+    def test_host_name(self) -> None:
+        self.assertEqual(
+            self.upstreams("https://models.example:8000"), ("https://models.example:8000",)
+        )
+
+    def test_default_ports(self) -> None:
+        self.assertEqual(
+            self.upstreams("https://192.0.2.10", "http://192.0.2.11"),
+            ("https://192.0.2.10:443", "http://192.0.2.11:80"),
+        )
+
+    def test_ipv6_in_brackets(self) -> None:
+        self.assertEqual(
+            self.upstreams("https://[2001:db8::10]:8000", "http://[::1]", "https://[2001:DB8::11]"),
+            ("https://[2001:db8::10]:8000", "http://[::1]:80", "https://[2001:db8::11]:443"),
+        )
+
+    def test_case_folded(self) -> None:
+        self.assertEqual(
+            self.upstreams("HTTPS://Models.Example:8000"), ("https://models.example:8000",)
+        )
+
+    def test_trailing_slash_and_spaces(self) -> None:
+        self.assertEqual(self.upstreams(" https://192.0.2.10:8000/ "), (A_REPLICA,))
+
+    def test_repeated_in_order(self) -> None:
+        self.assertEqual(
+            self.upstreams(ANOTHER_REPLICA, A_REPLICA, "http://[2001:db8::1]:9000"),
+            (ANOTHER_REPLICA, A_REPLICA, "http://[2001:db8::1]:9000"),
+        )
+
+    def test_not_shared_between_parsers(self) -> None:
+        self.upstreams(A_REPLICA)
+        self.assertEqual(parse().upstreams, ())
+
+    def test_config(self) -> None:
+        """Only C{upstreams} differs from the defaults; the C{--aihost} values stay unused."""
+        self.patch(os, "cpu_count", lambda: 2)
+        self.assertEqual(
+            parse("--upstream", A_REPLICA, "--upstream", ANOTHER_REPLICA),
+            Config(workers=2, upstreams=(A_REPLICA, ANOTHER_REPLICA)),
+        )
+
+    def test_with_ca_and_key(self) -> None:
+        """C{--aica} and C{--aikey-file} apply to every replica, so they combine."""
+        ca = Path(self.mktemp())
+        ca.write_bytes(make_ca().cert_pem)
+        key = Path(self.mktemp())
+        key.write_bytes(b"sk-upstream\n")
+        config = parse("--upstream", A_REPLICA, "--aica", str(ca), "--aikey-file", str(key))
+        self.assertEqual(
+            (config.upstreams, config.aica, config.aikey_file), ((A_REPLICA,), str(ca), str(key))
+        )
+
+    def test_help(self) -> None:
+        text = str(Options())
+        for flag in (
+            "--upstream=",
+            "--upstream-idle-timeout=",
+            "--health-interval=",
+            "--fail-timeout=",
+            "--retries=",
+        ):
+            self.assertIn(flag, text)
+
+
+class OriginsTests(SynchronousTestCase):
+    """L{Config.origins}: every model server, whichever way they were named."""
+
+    def test_default(self) -> None:
+        self.assertEqual(Config().origins, ("https://10.0.0.1:443",))
+        self.assertEqual(parse().origins, ("https://10.0.0.1:443",))
+
+    def test_aihost(self) -> None:
+        config = parse("--aihost", "192.0.2.20", "--aihostport", "8000", "--aischeme", "http")
+        self.assertEqual(config.origins, ("http://192.0.2.20:8000",))
+
+    def test_aihost_ipv6(self) -> None:
+        self.assertEqual(parse("--aihost", "2001:db8::20").origins, ("https://[2001:db8::20]:443",))
+
+    def test_upstreams(self) -> None:
+        config = parse("--upstream", A_REPLICA, "--upstream", "http://[2001:db8::1]")
+        self.assertEqual(config.origins, (A_REPLICA, "http://[2001:db8::1]:80"))
+
+    def test_upstreams_replace_aihost(self) -> None:
+        self.assertEqual(Config(aihost="192.0.2.30", upstreams=(A_REPLICA,)).origins, (A_REPLICA,))
+
+
+class UpstreamRefusedTests(SynchronousTestCase):
+    """Each refused C{--upstream} ends in a usage error that says what to give instead."""
+
+    def check(self, url: str, why: str) -> None:
+        self.assertEqual(refusal(self, "--upstream", url), f"--upstream {url!r}: {why}")
+
+    def test_path(self) -> None:
+        self.check("https://192.0.2.10:8000/v1", NO_PATH)
+        self.check("https://192.0.2.10:8000/v1/chat/completions", NO_PATH)
+
+    def test_query(self) -> None:
+        self.check("https://192.0.2.10:8000?model=m", NO_PATH)
+        self.check("https://192.0.2.10:8000/?model=m", NO_PATH)
+
+    def test_fragment(self) -> None:
+        self.check("https://192.0.2.10:8000#models", NO_PATH)
+
+    def check_credentials(self, url: str) -> None:
+        """The URL may be shown with its credentials masked, so only the reason is compared."""
+        message = refusal(self, "--upstream", url)
+        self.assertTrue(message.startswith("--upstream 'https://"), message)
+        self.assertTrue(message.endswith(f"': {NO_CREDENTIALS}"), message)
+
+    def test_credentials(self) -> None:
+        self.check_credentials("https://user:pass@192.0.2.10")
+        self.check_credentials("https://user@192.0.2.10")
+        self.check_credentials("https://@192.0.2.10")
+        self.check_credentials("https://user:@[2001:db8::1]:8000")
+
+    def test_credentials_with_port(self) -> None:
+        """The colons of credentials and a port are not taken for an IPv6 address."""
+        self.check_credentials("https://user:pass@192.0.2.10:8000")
+
+    def test_credentials_not_repeated(self) -> None:
+        """A key put in the URL is not printed back to the terminal or the journal."""
+        message = refusal(self, "--upstream", "https://user:sk-s3cr3t@192.0.2.10")
+        self.assertTrue(message.endswith(NO_CREDENTIALS), message)
+        self.assertNotIn("sk-s3cr3t", message)
+
+    def test_unbracketed_ipv6(self) -> None:
+        self.check("https://2001:db8::10", IPV6_IN_BRACKETS)
+        self.check("https://2001:db8::10:8000", IPV6_IN_BRACKETS)
+        self.check("http://::1", IPV6_IN_BRACKETS)
+
+    def test_bracketed_not_ipv6(self) -> None:
+        """Python's own words (its urlsplit refuses them first), but a usage error."""
+        for url in ("https://[::1", "https://[2001:db8::zz]:8000"):
+            self.assertTrue(refusal(self, "--upstream", url).startswith(f"--upstream {url!r}: "))
+
+    def test_bad_port(self) -> None:
+        for port in ("0", "65536", "99999", "-1", "http", "8o00", "1.5"):
+            self.check(f"https://192.0.2.10:{port}", BAD_PORT)
+        self.check("https://[2001:db8::10]:0", BAD_PORT)
+
+    def test_port_bounds_accepted(self) -> None:
+        self.assertEqual(
+            parse(
+                "--upstream", "https://192.0.2.10:1", "--upstream", "https://192.0.2.10:65535"
+            ).upstreams,
+            ("https://192.0.2.10:1", "https://192.0.2.10:65535"),
+        )
+
+    def test_bad_scheme(self) -> None:
+        for url in (
+            "ftp://192.0.2.10:21",
+            "ws://192.0.2.10:8000",
+            "192.0.2.10:8000",
+            "models.example:8000",
+            "//192.0.2.10:8000",
+            "https://",
+            "https:///v1",
+            "",
+        ):
+            self.check(url, NOT_AN_ORIGIN)
+
+    def test_missing_or_malformed_host(self) -> None:
+        self.check("https://:8000", BAD_HOST)
+        self.check("https://models example:8000", BAD_HOST)
+
+    def test_duplicate(self) -> None:
+        self.assertEqual(
+            refusal(self, "--upstream", A_REPLICA, "--upstream", A_REPLICA),
+            f"--upstream {A_REPLICA!r} is given twice",
+        )
+
+    def test_duplicate_spelled_differently(self) -> None:
+        """The same origin twice would count one server as two replicas."""
+        self.assertEqual(
+            refusal(
+                self, "--upstream", "https://192.0.2.10", "--upstream", "HTTPS://192.0.2.10:443/"
+            ),
+            "--upstream 'HTTPS://192.0.2.10:443/' is given twice",
+        )
+
+    def test_same_host_other_port_or_scheme(self) -> None:
+        self.assertEqual(
+            parse(
+                "--upstream", "https://192.0.2.10", "--upstream", "http://192.0.2.10",
+                "--upstream", "https://192.0.2.10:8443",
+            ).upstreams,
+            ("https://192.0.2.10:443", "http://192.0.2.10:80", "https://192.0.2.10:8443"),
+        )  # fmt: skip
+
+
+class UpstreamCombinedTests(SynchronousTestCase):
+    """Naming the model servers both ways is refused, whatever the order of the flags."""
+
+    def test_each_aihost_flag(self) -> None:
+        for flag, value in (("aihost", "192.0.2.20"), ("aihostport", "8000"), ("aischeme", "http")):
+            expected = f"--upstream replaces --{flag}: {COMBINED}"
+            self.assertEqual(refusal(self, "--upstream", A_REPLICA, f"--{flag}", value), expected)
+            self.assertEqual(refusal(self, f"--{flag}", value, "--upstream", A_REPLICA), expected)
+
+    def test_all_three(self) -> None:
+        self.assertEqual(
+            refusal(
+                self,
+                "--aischeme", "https",
+                "--upstream", A_REPLICA,
+                "--aihostport", "443",
+                "--aihost", "10.0.0.1",
+            ),
+            f"--upstream replaces --aihost, --aihostport, --aischeme: {COMBINED}",
+        )  # fmt: skip
+
+    def test_default_values_named(self) -> None:
+        """Naming a default is still naming it: the user meant two things."""
+        self.assertEqual(
+            refusal(self, "--aihost", "10.0.0.1", "--upstream", A_REPLICA),
+            f"--upstream replaces --aihost: {COMBINED}",
+        )
+
+    def test_aihost_alone_unchanged(self) -> None:
+        config = parse("--aihost", "192.0.2.20", "--aihostport", "8000")
+        self.assertEqual((config.upstreams, config.aihost), ((), "192.0.2.20"))
+
+
+class ReplicaNumbersTests(SynchronousTestCase):
+    """C{--upstream-idle-timeout}, C{--health-interval}, C{--fail-timeout}, C{--retries}."""
+
+    def test_defaults(self) -> None:
+        config = parse()
+        values = (
+            config.upstream_idle_timeout,
+            config.health_interval,
+            config.fail_timeout,
+            config.retries,
+        )
+        self.assertEqual(values, (4.0, 5.0, 10.0, 2))
+        self.assertEqual([type(value) for value in values], [float, float, float, int])
+
+    def test_given(self) -> None:
+        config = parse(
+            "--upstream-idle-timeout",
+            "1.5",
+            "--health-interval",
+            "0.25",
+            "--fail-timeout",
+            "30",
+            "--retries",
+            "5",
+        )
+        values = (
+            config.upstream_idle_timeout,
+            config.health_interval,
+            config.fail_timeout,
+            config.retries,
+        )
+        self.assertEqual(values, (1.5, 0.25, 30.0, 5))
+        self.assertEqual([type(value) for value in values], [float, float, float, int])
+
+    def test_with_one_aihost(self) -> None:
+        """They apply to a lone --aihost too (the idle timeout above all)."""
+        config = parse("--aihost", "192.0.2.20", "--upstream-idle-timeout", "2", "--retries", "1")
+        self.assertEqual((config.upstream_idle_timeout, config.retries), (2.0, 1))
+
+    def test_retries_zero(self) -> None:
+        self.assertEqual(parse("--retries", "0").retries, 0)
+
+    def test_smallest_timeouts(self) -> None:
+        for flag, field in (
+            ("upstream-idle-timeout", "upstream_idle_timeout"),
+            ("health-interval", "health_interval"),
+            ("fail-timeout", "fail_timeout"),
+        ):
+            self.assertEqual(getattr(parse(f"--{flag}", "0.001"), field), 0.001)
+
+    def test_timeouts_refused(self) -> None:
+        for flag in ("upstream-idle-timeout", "health-interval", "fail-timeout"):
+            for value, why in (
+                ("0", "0 must be a finite number above 0"),
+                ("-0.0", "-0.0 must be a finite number above 0"),
+                ("-1", "-1 must be a finite number above 0"),
+                ("nan", "nan must be a finite number above 0"),
+                ("inf", "inf must be a finite number above 0"),
+                ("-inf", "-inf must be a finite number above 0"),
+                ("soon", "'soon' is not a number"),
+                ("", "'' is not a number"),
+            ):
+                self.assertEqual(
+                    refusal(self, f"--{flag}", value),
+                    f"--{flag}: {why}",
+                    (flag, value),
+                )
+
+    def test_retries_refused(self) -> None:
+        for value, why in (
+            ("-1", "-1 must be 0 or more"),
+            ("1.5", "'1.5' is not a whole number"),
+            ("two", "'two' is not a whole number"),
+            ("", "'' is not a whole number"),
+        ):
+            self.assertEqual(refusal(self, "--retries", value), f"--retries: {why}")
