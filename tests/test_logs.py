@@ -27,6 +27,7 @@ from zope.interface import implementer
 
 from llmgw.keys import KeyRing
 from llmgw.logs import (
+    ACCESS_LOG_BATCH_SECONDS,
     AccessLogFile,
     BatchedAccessLines,
     RequestLog,
@@ -548,19 +549,31 @@ class AccessLogFileTests(SynchronousTestCase):
 
 
 class BatchedAccessLinesTests(SynchronousTestCase):
-    def test_one_send_per_reactor_turn(self) -> None:
+    def test_one_send_per_batch_interval(self) -> None:
         clock = MemoryReactorClock()
         sent: list[str] = []
         batch = BatchedAccessLines(clock, sent.append)
         first, second = finished_record(), finished_record(request_id="other")
         batch.add_record(first)
+        clock.advance(ACCESS_LOG_BATCH_SECONDS / 2)
         batch.add_record(second)
+        clock.advance(ACCESS_LOG_BATCH_SECONDS / 2 - 0.001)
         self.assertEqual(sent, [])
-        clock.advance(0)
+        clock.advance(0.001)
         self.assertEqual(sent, [access_log_line(first) + access_log_line(second)])
-        clock.advance(0)
+        clock.advance(ACCESS_LOG_BATCH_SECONDS)
         batch.flush()
         self.assertEqual(len(sent), 1)
         batch.add_record(first)
-        clock.advance(0)
+        clock.advance(ACCESS_LOG_BATCH_SECONDS)
         self.assertEqual(sent[1:], [access_log_line(first)])
+
+    def test_flush_sends_at_once(self) -> None:
+        """A drain or a shutdown does not wait for the batch's timer."""
+        clock = MemoryReactorClock()
+        sent: list[str] = []
+        batch = BatchedAccessLines(clock, sent.append)
+        batch.add_record(finished_record())
+        batch.flush()
+        self.assertEqual(sent, [access_log_line(finished_record())])
+        self.assertEqual(clock.getDelayedCalls(), [])

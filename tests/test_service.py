@@ -22,7 +22,7 @@ import llmgw
 from llmgw.cluster import Supervisor, WorkerProcess
 from llmgw.health import HealthChecker
 from llmgw.keys import KeyRing
-from llmgw.logs import AccessLogFile
+from llmgw.logs import ACCESS_LOG_BATCH_SECONDS, AccessLogFile
 from llmgw.options import Config, Options
 from llmgw.ratelimit import SlidingWindowLimiter
 from llmgw.record import RequestRecord
@@ -261,7 +261,7 @@ class AccessLogWiringTests(SynchronousTestCase):
         self.assertEqual(len(site.record_observers), 2)  # the access log, and the metrics
         for observer in site.record_observers:
             observer(finished_record())
-        clock.advance(0)
+        clock.advance(ACCESS_LOG_BATCH_SECONDS)
         self.assertEqual(Path(path).read_text().count('"request_id":"0123456789ab00000007"'), 1)
 
     def test_last_lines_written_after_the_reactor_stops(self) -> None:
