@@ -82,8 +82,10 @@ def build_site(
         max_body=config.max_body,
         read_timeout=config.read_timeout,
         # The access line stays whatever the console switches verbose to;
-        # the verbose view comes on top of it.
-        access_log=request_log.access,
+        # the verbose view comes on top of it.  With --access-log, the JSON
+        # lines are the access log: a text line in the main log would say
+        # the same again, and cost a write and a relay through the parent.
+        access_log=None if config.access_log is not None else request_log.access,
         clients=resource.clients,
     )
 
