@@ -177,10 +177,10 @@ class GatewayResource(Resource):
             return
         if self.config.rate_key == "key" and token is not None:
             client = self.keys.client_identity(token)
+        elif record is not None:
+            client = record.client  # the site's answer, from the same peer and headers
         else:
             client = self.clients.client_key(peer_host(request), request.requestHeaders)
-        if record is not None:
-            record.client = client
         decision: Decision = await self.limiter.admit(client)
         for name, value in rate_limit_headers(decision):
             request.setHeader(name, value)

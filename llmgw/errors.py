@@ -100,7 +100,6 @@ def body_too_large(limit: int) -> ApiError:
         INVALID_REQUEST,
         None,
         "request_too_large",
-        ((b"Connection", b"close"),),
     )
 
 

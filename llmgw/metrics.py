@@ -293,18 +293,9 @@ class WorkerMetrics:
     def of_resource(cls, resource: Any) -> WorkerMetrics:
         """The metrics of a L{llmgw.api.GatewayResource}: its router, its counters."""
         router = resource.router
-
-        def served_models() -> frozenset[str]:
-            return frozenset(
-                str(entry.get("id"))
-                for replica in router.replicas
-                if replica.models is not None
-                for entry in replica.models
-            )
-
         return cls(
             resource.config.default_model,
-            served_models,
+            lambda: router.served_models,
             tuple(replica.name for replica in router.replicas),
             lambda: int(resource.counters.in_flight),
             lambda: {replica.name: replica.in_flight for replica in router.replicas},

@@ -110,6 +110,8 @@ class Router:
         self.clock = clock
         self.fail_timeout = fail_timeout
         self.rng = rng if rng is not None else random.Random()
+        self.served_models: frozenset[str] = frozenset()
+        """Every model id some replica lists: kept as lists arrive, not per request."""
 
     def available(self, replica: Replica) -> bool:
         """Up by the parent's checks, and not ejected by this worker."""
@@ -173,6 +175,12 @@ class Router:
         replica.checked = True
         if models is not None:
             replica.models = models
+            self.served_models = frozenset(
+                str(entry.get("id"))
+                for known in self.replicas
+                if known.models is not None
+                for entry in known.models
+            )
         if up:
             replica.ejected_until = 0.0
 

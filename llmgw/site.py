@@ -71,9 +71,6 @@ _REFUSALS = {413: "too_large", 408: "read_timeout", 400: "validation"}
 #: The most of a C{User-Agent} a record keeps.
 _USER_AGENT_CHARS = 256
 
-#: Headers L{raw_response} writes itself; an error's own copy would be sent twice.
-_FRAMING_HEADERS = frozenset({b"connection", b"content-length", b"content-type"})
-
 
 def reason_phrase(status: int) -> bytes:
     """
@@ -106,8 +103,7 @@ def raw_response(error: ApiError, request_id: str | None = None) -> bytes:
         b"Content-Length: %d" % (len(body),),
         b"Connection: close",
     ]
-    extra = [(name, value) for name, value in error.headers if name.lower() not in _FRAMING_HEADERS]
-    lines += [name + b": " + value for name, value in HARDENING_HEADERS + tuple(extra)]
+    lines += [name + b": " + value for name, value in HARDENING_HEADERS + error.headers]
     if request_id is not None:
         lines.append(b"X-Request-Id: " + request_id.encode("ascii"))
     return b"\r\n".join(lines) + b"\r\n\r\n" + body

@@ -390,6 +390,19 @@ class EjectionTests(SynchronousTestCase):
         router.set_health(down.name, True, None)
         self.assertEqual(set(tally(router)), {down.name, other.name})
 
+    def test_served_models_follow_the_lists(self) -> None:
+        """The ids every replica lists, kept up to date as lists arrive."""
+        router, _ = make_router(2)
+        first, second = router.replicas
+        self.assertEqual(router.served_models, frozenset())
+        router.set_health(first.name, True, models("llama", "qwen"))
+        router.set_health(second.name, True, models("qwen", "mistral"))
+        self.assertEqual(router.served_models, {"llama", "qwen", "mistral"})
+        router.set_health(first.name, False, None)
+        self.assertEqual(router.served_models, {"llama", "qwen", "mistral"})
+        router.set_health(first.name, True, models())
+        self.assertEqual(router.served_models, {"qwen", "mistral"})
+
     def test_unknown_name_ignored(self) -> None:
         router, _ = make_router(2)
         router.set_health("https://192.0.2.99:8000", False, models("m"))
