@@ -130,9 +130,14 @@ class RemoteLimiter:
                     timer.cancel()
                     retry_after = failure.value.retry_after  # type: ignore[union-attr]
                     result.errback(rate_store_unavailable(retry_after))
-            elif not result.called:
-                timer.cancel()
-                self._give_up(result, key, failure.getErrorMessage())
+            else:
+                if failure.check(amp.RemoteAmpError):
+                    # An answer, if not the one asked for: the parent is alive,
+                    # so later requests ask it again rather than the fallback.
+                    self._parent_answers()
+                if not result.called:
+                    timer.cancel()
+                    self._give_up(result, key, failure.getErrorMessage())
 
         self.parent.callRemote(Admit, key=key, deadline=deadline).addCallbacks(answered, failed)
         return result

@@ -185,6 +185,19 @@ class StalledParentLimiterTests(SynchronousTestCase):
             ],
         )
 
+    def test_an_error_answer_ends_the_stall(self) -> None:
+        """Even an error from the parent shows it is alive: the next request asks it."""
+        stall = StalledParent()
+        stall.ask()
+        stall.clock.advance(ADMIT_TIMEOUT)
+        self.assertEqual(stall.allowed(), [True])
+        parent = stall.wire.server
+        assert isinstance(parent, ParentSide)
+        parent.limiter = None  # it answers NO_LIMITER
+        stall.wire.pump()
+        stall.ask()
+        self.assertEqual(stall.allowed(), [True], "decided by the fallback, not asked")
+
     def test_parent_answers_again_without_a_request(self) -> None:
         """The stalled question's answer is the probe: the next request asks the parent."""
         stall = StalledParent()
