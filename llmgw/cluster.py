@@ -6,12 +6,14 @@ fresh Python process, started with C{spawnProcess}, that finds the socket on
 its file descriptor 3 and adopts it into its own reactor, so the kernel spreads
 connections between them.
 
-Each worker talks to the parent over AMP on its stdin and stdout.  The parent
-owns the one sliding-window limiter, so the limit holds for the whole gateway
-rather than once per worker, and answers the console's C{stats} and
-C{verbose} by asking every worker.  A worker's stderr is its log: the parent
-logs each line tagged with the worker's number.  A worker whose stdin closes
-has lost its parent, however the parent died, and drains and exits.
+Each worker talks to the parent over AMP on its stdin and stdout, and asks it
+about the limit on a pipe of its own (file descriptors 4 and 5, see
+L{llmgw.admission}).  The parent owns the one sliding-window limiter, so the
+limit holds for the whole gateway rather than once per worker, and answers
+the console's C{stats} and C{verbose} by asking every worker.  A worker's
+stderr is its log: the parent logs each line tagged with the worker's number.
+A worker whose stdin closes has lost its parent, however the parent died, and
+drains and exits.
 """
 
 from __future__ import annotations
@@ -35,18 +37,14 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
+from llmgw.admission import FROM_PARENT_FD, TO_PARENT_FD, AdmissionDesk
 from llmgw.health import HealthChecker, Models, encode_models, state_name
 from llmgw.keys import KeyRing
 from llmgw.logs import AccessLogFile
 from llmgw.metrics import MetricsTotals
 from llmgw.options import Config
-from llmgw.ratelimit import Decision, SlidingWindowLimiter
-from llmgw.redisstore import (
-    Admission,
-    DeadlinePassed,
-    RateStoreUnavailable,
-    RedisSlidingWindowLimiter,
-)
+from llmgw.ratelimit import SlidingWindowLimiter
+from llmgw.redisstore import RedisSlidingWindowLimiter
 from llmgw.routing import COUNTS
 
 log = Logger()
@@ -59,56 +57,6 @@ MAX_BACKOFF = 10.0
 
 #: How long the parent waits past --grace for workers to exit before SIGKILL.
 KILL_MARGIN = 5.0
-
-
-class AdmitExpired(Exception):
-    """The worker had stopped waiting for this answer: nothing was recorded."""
-
-
-class Admit(amp.Command):
-    """
-    Worker → parent: may this client make a request now?
-
-    C{deadline} is when the worker stops waiting and lets its fallback decide
-    (L{llmgw.worker.RemoteLimiter}); a question read after it is void, so a
-    stalled parent does not count requests that were decided without it.
-    C{admitted_at} is the time of the admission recorded, so that a worker
-    that gave up just before the answer came can release it.
-    """
-
-    arguments: ClassVar = [(b"key", amp.Unicode()), (b"deadline", amp.Float(optional=True))]
-    response: ClassVar = [
-        (b"allowed", amp.Boolean()),
-        (b"limit", amp.Integer()),
-        (b"window", amp.Integer()),
-        (b"remaining", amp.Integer()),
-        (b"reset", amp.Integer()),
-        (b"admitted_at", amp.Float(optional=True)),
-    ]
-    errors: ClassVar = {
-        AdmitExpired: b"EXPIRED",
-        RateStoreUnavailable: b"RATE_STORE_UNAVAILABLE",
-    }
-
-
-class RecordAdmission(amp.Command):
-    """
-    Worker → parent: my fallback admitted C{key} at C{at} while you did not
-    answer; count it, because it was served.
-    """
-
-    arguments: ClassVar = [(b"key", amp.Unicode()), (b"at", amp.Float())]
-    response: ClassVar = []
-
-
-class ReleaseAdmission(amp.Command):
-    """
-    Worker → parent: the admission you recorded at C{at} answered a question
-    I had stopped waiting for; my fallback decided that request, so forget it.
-    """
-
-    arguments: ClassVar = [(b"key", amp.Unicode()), (b"at", amp.Float())]
-    response: ClassVar = []
 
 
 class MetricsDelta(amp.Command):
@@ -227,20 +175,21 @@ def bind_listening_socket(config: Config, backlog: int = 1024) -> socket.socket:
     return sock
 
 
-class _ChildStdin:
-    """The transport AMP writes through: the worker's stdin pipe."""
+class _ChildPipe:
+    """A transport for writing to one of the worker's input pipes (its stdin for AMP)."""
 
-    def __init__(self, process: Any) -> None:
+    def __init__(self, process: Any, fd: int) -> None:
         self.process = process
+        self.fd = fd
 
     def write(self, data: bytes) -> None:
-        self.process.writeToChild(0, data)
+        self.process.writeToChild(self.fd, data)
 
     def writeSequence(self, data: list[bytes]) -> None:
-        self.process.writeToChild(0, b"".join(data))
+        self.process.writeToChild(self.fd, b"".join(data))
 
     def loseConnection(self) -> None:
-        self.process.closeChildFD(0)
+        self.process.closeChildFD(self.fd)
 
     def getPeer(self) -> str:
         return "worker"
@@ -264,77 +213,24 @@ class QuietAMP(amp.AMP):
 
 class ParentSide(QuietAMP):
     """
-    What the parent answers a worker: admission, from the one shared limiter;
-    and where its metrics go, into the totals under C{source}.
+    What the parent answers a worker over AMP: where its metrics and access-log
+    lines go.  Its limiter's questions have a pipe of their own
+    (L{llmgw.admission}).
 
     @ivar access_log: the C{--access-log} file the worker's lines go to, if any.
     """
 
     access_log: AccessLogFile | None = None
 
-    def __init__(
-        self,
-        limiter: SlidingWindowLimiter | None,
-        metrics: MetricsTotals | None = None,
-        source: object = None,
-        rate_store: RedisSlidingWindowLimiter | None = None,
-    ) -> None:
+    def __init__(self, metrics: MetricsTotals | None = None, source: object = None) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
-        self.limiter = limiter
         self.metrics = metrics
         self.source = source if source is not None else self
-        self.rate_store = rate_store
-
-    @Admit.responder
-    def admit(self, key: str, deadline: float | None = None) -> Any:
-        """The answer, at once from the embedded limiter; a Deferred of it from a rate store."""
-        if self.limiter is None:
-            raise amp.RemoteAmpError(b"NO_LIMITER", "rate limiting is off")
-        if self.rate_store is not None:
-            return self._admit_by_rate_store(key, deadline)
-        if deadline is not None and self.limiter.clock.seconds() >= deadline:
-            raise AdmitExpired()
-        decision = self.limiter.decide(key)
-        return _admit_answer(decision, self.limiter.newest(key) if decision.allowed else None)
-
-    def _admit_by_rate_store(self, key: str, deadline: float | None) -> Deferred[dict[str, Any]]:
-        """
-        The shared limiter answers asynchronously, within its own timeout and
-        the worker's deadline: a question it could not answer in time is
-        void, as for the embedded limiter, and nothing counts for it.
-        """
-        assert self.rate_store is not None
-
-        def expired(failure: Failure) -> Failure:
-            failure.trap(DeadlinePassed)
-            return Failure(AdmitExpired())
-
-        def answer(admission: Admission) -> dict[str, Any]:
-            return _admit_answer(admission.decision, admission.receipt)
-
-        decided = self.rate_store.decide(key, deadline)
-        return decided.addCallbacks(answer, expired)
 
     @AccessLogLines.responder
     def access_log_lines(self, lines: str) -> dict[str, Any]:
         if self.access_log is not None:
             self.access_log.write(lines)
-        return {}
-
-    @RecordAdmission.responder
-    def record_admission(self, key: str, at: float) -> dict[str, Any]:
-        if self.rate_store is not None:
-            self.rate_store.record(key, at)
-        elif self.limiter is not None:
-            self.limiter.record(key, at)
-        return {}
-
-    @ReleaseAdmission.responder
-    def release_admission(self, key: str, at: float) -> dict[str, Any]:
-        if self.rate_store is not None:
-            self.rate_store.release(key, at)
-        elif self.limiter is not None:
-            self.limiter.release(key, at)
         return {}
 
     @MetricsDelta.responder
@@ -344,29 +240,15 @@ class ParentSide(QuietAMP):
         return {}
 
 
-def _admit_answer(decision: Decision, admitted_at: float | None) -> dict[str, Any]:
-    answer: dict[str, Any] = {
-        "allowed": decision.allowed,
-        "limit": decision.limit,
-        "window": decision.window,
-        "remaining": decision.remaining,
-        "reset": decision.reset,
-    }
-    if admitted_at is not None:
-        answer["admitted_at"] = admitted_at
-    return answer
-
-
 class WorkerProcess(ProcessProtocol):
     """The parent's handle on one worker: its AMP channel and its log lines."""
 
     def __init__(self, supervisor: Supervisor, number: int) -> None:
         self.supervisor = supervisor
         self.number = number
-        self.amp = ParentSide(
-            supervisor.limiter, supervisor.metrics, self, rate_store=supervisor.rate_store
-        )
+        self.amp = ParentSide(supervisor.metrics, self)
         self.amp.access_log = supervisor.access_log
+        self.admissions = AdmissionDesk(supervisor.limiter, supervisor.rate_store)
         self.started = supervisor.reactor.seconds()
         self.ended: Deferred[None] = Deferred()
         self._log_buffer = b""
@@ -375,7 +257,8 @@ class WorkerProcess(ProcessProtocol):
     def connectionMade(self) -> None:
         assert self.transport is not None
         self.pid = self.transport.pid
-        self.amp.makeConnection(_ChildStdin(self.transport))
+        self.amp.makeConnection(_ChildPipe(self.transport, 0))
+        self.admissions.makeConnection(_ChildPipe(self.transport, FROM_PARENT_FD))  # type: ignore[no-untyped-call]
         for upstream, up, models in self.supervisor.replica_states():
             self.tell_replica_state(upstream, up, models)
 
@@ -387,6 +270,9 @@ class WorkerProcess(ProcessProtocol):
         d.addErrback(lambda _: None)
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD == TO_PARENT_FD:
+            self.admissions.dataReceived(data)  # type: ignore[no-untyped-call]
+            return
         if childFD == 1:
             self.amp.dataReceived(data)  # type: ignore[no-untyped-call]
             return
@@ -402,6 +288,7 @@ class WorkerProcess(ProcessProtocol):
 
     def processEnded(self, reason: Failure) -> None:
         self.amp.connectionLost(reason)
+        self.admissions.connectionLost(reason)
         self.supervisor.worker_ended(self, reason)
         self.ended.callback(None)
 
@@ -488,7 +375,14 @@ class Supervisor(Service):
             sys.executable,
             arguments,
             env=os.environ.copy(),
-            childFDs={0: "w", 1: "r", 2: "r", 3: self.socket.fileno()},
+            childFDs={
+                0: "w",
+                1: "r",
+                2: "r",
+                3: self.socket.fileno(),
+                FROM_PARENT_FD: "w",
+                TO_PARENT_FD: "r",
+            },
         )
         log.info("Started worker {worker} (pid {pid})", worker=number, pid=worker.pid)
 

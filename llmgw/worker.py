@@ -28,15 +28,21 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from llmgw.admission import (
+    FROM_PARENT_FD,
+    RECORD,
+    RELEASE,
+    TO_PARENT_FD,
+    AdmissionQuestions,
+    AdmitExpired,
+    Answer,
+    ParentError,
+)
 from llmgw.api import GatewayResource
 from llmgw.cluster import (
     AccessLogLines,
-    Admit,
-    AdmitExpired,
     MetricsDelta,
     QuietAMP,
-    RecordAdmission,
-    ReleaseAdmission,
     ReplicaState,
     SetVerbose,
     WorkerStats,
@@ -87,7 +93,7 @@ class RemoteLimiter:
 
     def __init__(
         self,
-        parent: amp.AMP,
+        parent: AdmissionQuestions,
         fallback: SlidingWindowLimiter,
         fallback_share: int,
         clock: IReactorTime,
@@ -106,15 +112,15 @@ class RemoteLimiter:
         timer = self.clock.callLater(ADMIT_TIMEOUT, self._time_out, result, key)
         deadline = self.clock.seconds() + ADMIT_TIMEOUT
 
-        def answered(answer: dict[str, Any]) -> None:
+        def answered(answer: Answer) -> None:
             self._parent_answers()
-            admitted_at = answer.pop("admitted_at", None)
+            decision, admitted_at = answer
             if result.called:
                 if admitted_at is not None:
-                    self._tell_parent(ReleaseAdmission, key, admitted_at)
+                    self.parent.tell(RELEASE, key, admitted_at)
                 return
             timer.cancel()
-            result.callback(Decision(**answer))
+            result.callback(decision)
 
         def failed(failure: Failure) -> None:
             if failure.check(AdmitExpired):
@@ -131,7 +137,7 @@ class RemoteLimiter:
                     retry_after = failure.value.retry_after  # type: ignore[union-attr]
                     result.errback(rate_store_unavailable(retry_after))
             else:
-                if failure.check(amp.RemoteAmpError):
+                if failure.check(ParentError):
                     # An answer, if not the one asked for: the parent is alive,
                     # so later requests ask it again rather than the fallback.
                     self._parent_answers()
@@ -139,7 +145,7 @@ class RemoteLimiter:
                     timer.cancel()
                     self._give_up(result, key, failure.getErrorMessage())
 
-        self.parent.callRemote(Admit, key=key, deadline=deadline).addCallbacks(answered, failed)
+        self.parent.ask(key, deadline).addCallbacks(answered, failed)
         return result
 
     def _time_out(self, result: Deferred[Decision], key: str) -> None:
@@ -166,13 +172,9 @@ class RemoteLimiter:
     def _fallback_decides(self, key: str) -> Decision:
         decision = self.fallback.decide(key)
         if decision.allowed:
-            self._tell_parent(RecordAdmission, key, self.clock.seconds())
+            # Queued on the same pipe as the questions, so counted in order.
+            self.parent.tell(RECORD, key, self.clock.seconds())
         return decision
-
-    def _tell_parent(self, command: type[amp.Command], key: str, at: float) -> None:
-        """Queue a correction; if the parent is gone, there is no count left to correct."""
-        told: Deferred[Any] = self.parent.callRemote(command, key=key, at=at)
-        told.addErrback(lambda _: None)
 
 
 class WorkerSide(QuietAMP):
@@ -354,7 +356,12 @@ def serve(config: Config, colour: bool, reactor: Any) -> None:
     if config.rate_limit:
         share = max(0, math.floor(config.rate_limit / config.workers))
         fallback = SlidingWindowLimiter(max(share, 1), config.rate_window, reactor)
-        limiter = RemoteLimiter(parent, fallback, max(share, 1), reactor)
+        questions = AdmissionQuestions()
+        # POSIX's StandardIO takes its descriptors; mypy sees Windows' signature.
+        StandardIO(  # type: ignore[call-arg]
+            questions, stdin=FROM_PARENT_FD, stdout=TO_PARENT_FD, reactor=reactor
+        )
+        limiter = RemoteLimiter(questions, fallback, max(share, 1), reactor)
     site: GatewaySite = build_site(config, reactor, limiter, keys, colour=colour)
     parent.resource = site.resource
     access_lines: BatchedAccessLines | None = None

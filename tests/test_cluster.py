@@ -20,13 +20,11 @@ from twisted.internet import defer, task
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone
 from twisted.internet.protocol import ProcessProtocol
-from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from llmgw.cluster import (
     ACCESS_LOG_CHUNK,
-    AdmitExpired,
     ParentSide,
     access_log_chunks,
     config_from_json,
@@ -35,7 +33,6 @@ from llmgw.cluster import (
 from llmgw.logs import AccessLogFile
 from llmgw.mock import Behaviour
 from llmgw.options import Config
-from llmgw.ratelimit import SlidingWindowLimiter
 from tests.loopback import (
     Reply,
     Upstream,
@@ -536,14 +533,14 @@ class ParentAccessLogTests(SynchronousTestCase):
         access_log = AccessLogFile(path)
         access_log.open()
         self.addCleanup(access_log.close)
-        parent = ParentSide(None)
+        parent = ParentSide()
         parent.access_log = access_log
         self.assertEqual(parent.access_log_lines(lines="{}\n{}\n"), {})
         with open(path) as f:
             self.assertEqual(f.read(), "{}\n{}\n")
 
     def test_no_file(self) -> None:
-        self.assertEqual(ParentSide(None).access_log_lines(lines="{}\n"), {})
+        self.assertEqual(ParentSide().access_log_lines(lines="{}\n"), {})
 
 
 class ConfigTransportTests(SynchronousTestCase):
@@ -556,56 +553,6 @@ class ConfigTransportTests(SynchronousTestCase):
             workers=3,
         )
         self.assertEqual(config_from_json(config_to_json(config)), config)
-
-
-class ParentSideTests(SynchronousTestCase):
-    """The parent's answers to a worker's questions about the limit."""
-
-    def test_question_read_after_its_deadline_is_not_recorded(self) -> None:
-        clock = Clock()
-        shared = SlidingWindowLimiter(4, 60, clock)
-        parent = ParentSide(shared)
-        clock.advance(10)
-        self.assertRaises(AdmitExpired, parent.admit, key="c", deadline=10.0)
-        self.assertEqual(len(shared), 0)
-        answer = parent.admit(key="c", deadline=10.5)
-        self.assertEqual(
-            answer,
-            {
-                "allowed": True,
-                "limit": 4,
-                "window": 60,
-                "remaining": 3,
-                "reset": 60,
-                "admitted_at": 10.0,
-            },
-        )
-
-    def test_recorded_admissions_count_past_the_limit(self) -> None:
-        """
-        Served while the parent stalled, they all count, and Retry-After is
-        when enough of them have expired to bring the count under the limit.
-        """
-        clock = Clock()
-        shared = SlidingWindowLimiter(2, 60, clock)
-        parent = ParentSide(shared)
-        for at in (0.0, 1.0, 2.0):
-            parent.record_admission(key="c", at=at)
-        clock.advance(10)
-        self.assertEqual(parent.admit(key="c")["reset"], 51)
-        clock.advance(50)
-        self.assertEqual(parent.admit(key="c")["allowed"], False)
-        clock.advance(1)
-        self.assertEqual(parent.admit(key="c")["admitted_at"], 61.0)
-
-    def test_released_admission_no_longer_counts(self) -> None:
-        clock = Clock()
-        shared = SlidingWindowLimiter(1, 60, clock)
-        parent = ParentSide(shared)
-        at = parent.admit(key="c")["admitted_at"]
-        self.assertFalse(parent.admit(key="c")["allowed"])
-        parent.release_admission(key="c", at=at)
-        self.assertTrue(parent.admit(key="c")["allowed"])
 
 
 TWISTD = "from twisted.scripts.twistd import run; run()"

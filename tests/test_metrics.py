@@ -496,7 +496,7 @@ class DeltaOverAmpTests(SynchronousTestCase):
         from llmgw.worker import WorkerSide
 
         totals = MetricsTotals()
-        parent = ParentSide(None, totals, "w1")
+        parent = ParentSide(totals, "w1")
         worker = WorkerSide(lambda: None)
         gateway = Gateway()
         worker.metrics = gateway.metrics()

@@ -28,14 +28,13 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import ILogObserver, globalLogPublisher
-from twisted.protocols import amp
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from llmgw import errors
-from llmgw.cluster import AdmitExpired, ParentSide
+from llmgw.admission import AdmissionDesk, AdmissionQuestions, AdmitExpired
 from llmgw.errors import ApiError
 from llmgw.options import Config, Options, RateStoreAddress, rate_store_address
 from llmgw.ratelimit import Decision, SlidingWindowLimiter
@@ -63,9 +62,9 @@ from tests.loopback import (
     start_gateway,
     start_upstream,
 )
+from tests.test_admission import Wire
 from tests.test_cluster import serving, start_gateway_process
 from tests.test_options import parse
-from tests.test_worker import LoopbackAMP
 
 
 def _import_txredisapi() -> Any:
@@ -506,15 +505,13 @@ def _text(event: dict[str, Any]) -> str:
     return formatEvent(event)
 
 
-class ParentSideTests(SynchronousTestCase):
-    """A worker asks the parent over AMP; the parent asks the rate store."""
+class AdmissionDeskTests(SynchronousTestCase):
+    """A worker asks the parent on their pipe; the parent asks the rate store."""
 
     def setUp(self) -> None:
         self.limiter, self.redis, self.clock = store("closed")
-        worker_side = amp.AMP()
-        self.wire = LoopbackAMP(
-            ParentSide(self.limiter.fallback, rate_store=self.limiter), worker_side
-        )
+        worker_side = AdmissionQuestions()
+        self.wire = Wire(AdmissionDesk(self.limiter.fallback, rate_store=self.limiter), worker_side)
         self.remote = RemoteLimiter(
             worker_side, SlidingWindowLimiter(1, 60, self.clock), 1, self.clock
         )
@@ -537,15 +534,15 @@ class ParentSideTests(SynchronousTestCase):
         self.assertFalse(self.remote.degraded)
 
     def test_expired_question(self) -> None:
-        parent = ParentSide(self.limiter.fallback, rate_store=self.limiter)
-        answer = results(parent.admit(key="c", deadline=self.clock.seconds()))
+        parent = AdmissionDesk(self.limiter.fallback, rate_store=self.limiter)
+        answer = results(parent.admit("c", self.clock.seconds()))  # type: ignore[arg-type]
         self.assertIsInstance(answer[0].value, AdmitExpired)
 
     def test_release_and_record_reach_the_store(self) -> None:
-        parent = ParentSide(self.limiter.fallback, rate_store=self.limiter)
-        parent.record_admission(key="c", at=self.clock.seconds())
+        parent = AdmissionDesk(self.limiter.fallback, rate_store=self.limiter)
+        parent.record_admission("c", self.clock.seconds())
         self.assertEqual(self.redis.calls[0][1][3], 0)
-        parent.release_admission(key="c", at=1.0)
+        parent.release_admission("c", 1.0)
         self.assertEqual(len(self.redis.removed), 1)
 
 

@@ -1,7 +1,7 @@
 """Tests for L{llmgw.worker}: the parent's limiter seen from a worker, and the adopted port.
 
 The limiter's unit tests wire a worker's L{RemoteLimiter} to the parent's
-L{ParentSide} through AMP in memory, on a fake clock; the adopted port's run
+L{AdmissionDesk} through their pipe in memory, on a fake clock; the adopted port's run
 on the real reactor with a real socket; the process test runs C{llmgw
 --workers 2} as in L{tests.test_cluster} and stops its parent.
 """
@@ -19,13 +19,12 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.protocols import amp
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
-from llmgw.cluster import ParentSide
+from llmgw.admission import AdmissionDesk, AdmissionQuestions
 from llmgw.ratelimit import Decision, SlidingWindowLimiter
 from llmgw.worker import ADMIT_TIMEOUT, RemoteLimiter, SharedListeningSocket, stop_accepting
 from tests.loopback import (
@@ -38,45 +37,16 @@ from tests.loopback import (
     reactor,
     start_upstream,
 )
+from tests.test_admission import Wire
 from tests.test_cluster import _kill, process_pid, serving, start_gateway_process
-
-
-class LoopbackAMP:
-    """Two AMP peers wired back to back in memory."""
-
-    def __init__(self, server: amp.AMP, client: amp.AMP) -> None:
-        self.server, self.client = server, client
-        self.server_transport, self.client_transport = StringTransport(), StringTransport()
-        server.makeConnection(self.server_transport)
-        client.makeConnection(self.client_transport)
-
-    def pump(self) -> None:
-        while self.server_transport.value() or self.client_transport.value():
-            to_client, to_server = self.server_transport.value(), self.client_transport.value()
-            self.server_transport.clear()
-            self.client_transport.clear()
-            self.client.dataReceived(to_client)
-            self.server.dataReceived(to_server)
-
-    def to_server(self) -> None:
-        """Deliver what the client has sent so far, and nothing back."""
-        data = self.client_transport.value()
-        self.client_transport.clear()
-        self.server.dataReceived(data)
-
-    def to_client(self) -> None:
-        """Deliver what the server has sent so far, and nothing back."""
-        data = self.server_transport.value()
-        self.server_transport.clear()
-        self.client.dataReceived(data)
 
 
 class RemoteLimiterTests(SynchronousTestCase):
     def test_decisions_come_from_the_parent(self) -> None:
         clock = Clock()
         shared = SlidingWindowLimiter(2, 60, clock)
-        worker_side = amp.AMP()
-        wire = LoopbackAMP(ParentSide(shared), worker_side)
+        worker_side = AdmissionQuestions()
+        wire = Wire(AdmissionDesk(shared), worker_side)
         remote = RemoteLimiter(worker_side, SlidingWindowLimiter(1, 60, clock), 1, clock)
         decisions: list[Decision] = []
         for _ in range(3):
@@ -88,7 +58,7 @@ class RemoteLimiterTests(SynchronousTestCase):
     def test_parent_silent_falls_back_to_share(self) -> None:
         """No answer within the timeout: the worker's share decides, and it is logged."""
         clock = Clock()
-        worker_side = amp.AMP()
+        worker_side = AdmissionQuestions()
         worker_side.makeConnection(StringTransport())
         remote = RemoteLimiter(worker_side, SlidingWindowLimiter(1, 60, clock), 1, clock)
         decisions: list[Any] = []
@@ -105,7 +75,7 @@ class RemoteLimiterTests(SynchronousTestCase):
 
 class StalledParent:
     """
-    A worker's L{RemoteLimiter} and the parent's L{ParentSide} in memory:
+    A worker's L{RemoteLimiter} and the parent's L{AdmissionDesk} in memory:
     limit 4 in 60 s for the gateway, a share of 2 for this worker's fallback.
     Nothing crosses the wire until the test pumps it, so the parent is
     stopped until then.
@@ -116,8 +86,8 @@ class StalledParent:
         self.parent_clock = self.clock if parent_clock is None else parent_clock
         self.shared = SlidingWindowLimiter(4, 60, self.parent_clock)
         self.fallback = SlidingWindowLimiter(2, 60, self.clock)
-        worker_side = amp.AMP()
-        self.wire = LoopbackAMP(ParentSide(self.shared), worker_side)
+        worker_side = AdmissionQuestions()
+        self.wire = Wire(AdmissionDesk(self.shared), worker_side)
         self.remote = RemoteLimiter(worker_side, self.fallback, 2, self.clock)
         self.decisions: list[Decision] = []
 
@@ -192,7 +162,7 @@ class StalledParentLimiterTests(SynchronousTestCase):
         stall.clock.advance(ADMIT_TIMEOUT)
         self.assertEqual(stall.allowed(), [True])
         parent = stall.wire.server
-        assert isinstance(parent, ParentSide)
+        assert isinstance(parent, AdmissionDesk)
         parent.limiter = None  # it answers NO_LIMITER
         stall.wire.pump()
         stall.ask()
