@@ -100,6 +100,33 @@ class SplitStreamCpuTests(SynchronousTestCase):
         self.assertEqual(self.bench.split_ramp(100), 0.4)
 
 
+class ExactOrTicksTests(SynchronousTestCase):
+    """
+    C{exact_or_ticks}: a relay's CPU from schedstat's nanoseconds, unless the
+    ticks of C{/proc/PID/stat} show more than rounding can explain.
+    """
+
+    def setUp(self) -> None:
+        self.bench = load_bench()
+        self.tick = 1 / self.bench.CLOCK_TICKS
+
+    def test_rounding(self) -> None:
+        """Ticks that differ by up to a tick per process are rounding: the exact figure stands."""
+        self.assertEqual(
+            self.bench.exact_or_ticks(1.234567, 1.234567 + 2.5 * self.tick, 3), 1.234567
+        )
+        self.assertEqual(self.bench.exact_or_ticks(1.234567, 1.20, 3), 1.234567)
+
+    def test_thread_ended(self) -> None:
+        """
+        Ticks beyond that: a thread ended between the readings, and took its
+        time out of schedstat's sum; the ticks have it.
+        """
+        self.assertEqual(
+            self.bench.exact_or_ticks(1.0, 1.0 + 4 * self.tick, 3), 1.0 + 4 * self.tick
+        )
+
+
 def http_figures(**figures: float) -> dict[str, float]:
     """The request rounds' derived figures that issue 13's targets read."""
     derived = {
