@@ -1649,8 +1649,14 @@ def redis_report(
     )
 
 
-def stream_row(title: str, path: str, r: dict[str, Any], d: dict[str, Any]) -> str:
-    """One row of the streams table: C{r} through C{path}, C{d} the direct run of the same test."""
+def stream_row(
+    title: str, path: str, r: dict[str, Any], d: dict[str, Any], rss_per_stream: bool = True
+) -> str:
+    """
+    One row of the streams table: C{r} through C{path}, C{d} the direct run
+    of the same test; without C{rss_per_stream} for (iii), whose relays
+    have run other streams since their idle RSS was read.
+    """
     relay = path != "direct"
     added = (
         f"{r['lat_p50_ms'] - d['lat_p50_ms']:+.2f} / {r['lat_p99_ms'] - d['lat_p99_ms']:+.2f}"
@@ -1659,7 +1665,7 @@ def stream_row(title: str, path: str, r: dict[str, Any], d: dict[str, Any]) -> s
     )
     cpu = fmt(r.get("cpu_us_per_event"), 1) if relay else ""
     per_stream = fmt(r.get("cpu_us_per_stream"), 0) if relay else ""
-    rss = fmt(r.get("rss_per_stream_kb"), 1) if relay else ""
+    rss = fmt(r.get("rss_per_stream_kb"), 1) if relay and rss_per_stream else ""
     return (
         f"| {title} | {path} | {r['streams_ok']:,} / {r['streams_expected']:,} | "
         f"{r['events']:,} / {r['events_expected']:,} | {r['lost']} | {r['stalls']} | "
@@ -2014,7 +2020,7 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
                 d = run["direct"]
                 for path in ("direct", "pump", "gateway"):
                     if run.get(path) is not None:
-                        add(stream_row(title, path, run[path], d))
+                        add(stream_row(title, path, run[path], d, name != "iii"))
             if name == "iii":
                 continue
             d, g = test["direct"], test["gateway"]

@@ -401,6 +401,16 @@ class ReportTests(SynchronousTestCase):
                 for path in ("direct", "pump", "gateway")
             ],
         )
+        relay_rows = [
+            line
+            for line in text.splitlines()
+            if line.startswith("| (iii)") and " | direct | " not in line
+        ]
+        # CPU per event and per stream; no RSS per open stream (the relays
+        # ran other streams since their idle RSS was read).
+        self.assertEqual(
+            [row.rsplit(" | ", 3)[1:] for row in relay_rows], [["100.0", "1,600", " |"]] * 4
+        )
         self.assertIn(
             "- (iii) CPU per relayed chunk = (CPU at 256 chunks − CPU at 16) / (500 × 240), "
             "CPU per stream opened = CPU at 16 / 500 − 16 × per chunk: pump 50.0 µs per chunk, "
