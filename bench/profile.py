@@ -140,7 +140,14 @@ def main() -> int:
                 )
                 run.wait_for_port(upstream, source, processes)
             gateway = run.start_gateway(
-                processes, ns, workdir, "gateway", "gateway", upstream, args.rate_limit
+                processes,
+                ns,
+                workdir,
+                "gateway",
+                "gateway",
+                upstream,
+                args.rate_limit,
+                extra=run.observability(ns.gateway_python, ns.gateway_path, workdir, "gateway"),
             )
             time.sleep(0.5)
             gateway.refresh_pids()
