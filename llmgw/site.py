@@ -505,9 +505,10 @@ class GatewaySite(server.Site):
         """
         headers = request.requestHeaders
         incoming = headers.getRawHeaders(b"x-request-id")
-        request_id = self.request_ids.choose(
-            None if incoming is None else incoming[-1], self.clients.trusts_peer(peer_host)
-        )
+        if incoming is None:
+            request_id = self.request_ids.new()
+        else:
+            request_id = self.request_ids.choose(incoming[-1], self.clients.trusts_peer(peer_host))
         agent = headers.getRawHeaders(b"user-agent")
         record = RequestRecord(
             request_id=request_id,
