@@ -106,6 +106,8 @@ def main() -> int:
     run.ensure_tools()
     run.raise_file_limit()
     ns = run.parse_args([])
+    # This tree's code, not the copy installed in the venv (run.py's default).
+    ns.gateway_path = str(run.ROOT)
     with tempfile.TemporaryDirectory(prefix="llmgw-profile-") as tmp:
         workdir = Path(tmp)
         subprocess.run(
