@@ -106,6 +106,8 @@ def main() -> int:
     run.ensure_tools()
     run.raise_file_limit()
     ns = run.parse_args([])
+    # This tree's code, not the copy installed in the venv (run.py's default).
+    ns.gateway_path = str(run.ROOT)
     with tempfile.TemporaryDirectory(prefix="llmgw-profile-") as tmp:
         workdir = Path(tmp)
         subprocess.run(
@@ -140,7 +142,14 @@ def main() -> int:
                 )
                 run.wait_for_port(upstream, source, processes)
             gateway = run.start_gateway(
-                processes, ns, workdir, "gateway", "gateway", upstream, args.rate_limit
+                processes,
+                ns,
+                workdir,
+                "gateway",
+                "gateway",
+                upstream,
+                args.rate_limit,
+                extra=run.observability(ns.gateway_python, ns.gateway_path, workdir, "gateway"),
             )
             time.sleep(0.5)
             gateway.refresh_pids()

@@ -27,6 +27,9 @@ _LONGEST_ADDRESS = len("ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255%") + 15
 _QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
 _SPECIAL = re.compile(r'[\\",;]')
 
+#: Addresses whose trust L{ClientAddressPolicy} remembers; past it, it starts afresh.
+_TRUST_CACHE_SIZE = 4096
+
 
 def _valid_prefix(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
     if not 0 <= value <= 128:
@@ -53,6 +56,10 @@ class ClientAddressPolicy:
 
     trusted_proxies: tuple[Network, ...] = ()
     ipv6_prefix: int = attrs.field(default=56, validator=_valid_prefix)
+    _trusted: dict[Address, bool] = attrs.field(
+        factory=dict, init=False, eq=False, repr=False, hash=False
+    )
+    """Whether each address seen lately is a trusted proxy (see L{_trusts})."""
 
     def client_key(self, peer_host: str, headers: Headers) -> str:
         """
@@ -89,7 +96,20 @@ class ClientAddressPolicy:
         return _host_key(peer_host, self.ipv6_prefix)
 
     def _trusts(self, address: Address) -> bool:
-        return any(address in network for network in self.trusted_proxies)
+        """
+        Whether C{address} is in a C{--trusted-proxy} network.
+
+        Asked for the peer and each forwarding hop of every request, and the
+        answer for an address never changes (the networks are fixed), so it
+        is remembered: the same few proxies ask again and again.
+        """
+        trusted = self._trusted.get(address)
+        if trusted is None:
+            trusted = any(address in network for network in self.trusted_proxies)
+            if len(self._trusted) >= _TRUST_CACHE_SIZE:
+                self._trusted.clear()
+            self._trusted[address] = trusted
+        return trusted
 
     def _rightmost_client(self, hops: list[str], peer: Address) -> Address:
         client = peer

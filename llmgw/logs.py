@@ -21,6 +21,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from functools import lru_cache
 from typing import Any, TextIO
 
 from twisted.internet.interfaces import IReactorTime
@@ -138,7 +139,21 @@ def iso_utc(seconds: float) -> str:
     """C{2026-12-02T04:13:00.123Z}: ISO 8601, in UTC, to the millisecond."""
     whole = int(seconds)
     milliseconds = min(int((seconds - whole) * 1000), 999)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{milliseconds:03d}Z"
+    return _utc_second(whole) + f".{milliseconds:03d}Z"
+
+
+@lru_cache(maxsize=8)
+def _utc_second(whole: int) -> str:
+    """
+    The date and time to the second: the same for every request in that
+    second, so formatted once, not once a line.
+    """
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+
+
+#: The encoder of access-log lines, made once: C{json.dumps} with any argument
+#: makes a new one for every line.
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
 
 
 def access_log_line(record: RequestRecord) -> str:
@@ -150,7 +165,7 @@ def access_log_line(record: RequestRecord) -> str:
     began.  A record holds no body and no key, so neither does the line.
     """
     return (
-        json.dumps(
+        _COMPACT_JSON.encode(
             {
                 "time": iso_utc(record.started),
                 "request_id": record.request_id,
@@ -167,8 +182,7 @@ def access_log_line(record: RequestRecord) -> str:
                 "attempts": len(record.attempts),
                 "bytes_out": record.bytes_out,
                 "user_agent": record.user_agent,
-            },
-            separators=(",", ":"),
+            }
         )
         + "\n"
     )

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from ipaddress import ip_network
+from ipaddress import IPv4Network, ip_network
 
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
-from llmgw.clients import ClientAddressPolicy
+from llmgw.clients import _TRUST_CACHE_SIZE, ClientAddressPolicy
 
 PROXY = "192.0.2.1"
 CLIENT = "203.0.113.9"
@@ -203,3 +203,42 @@ class TrustedProxyTests(SynchronousTestCase):
                 fields.setRawHeaders(name, [claim, appended])
             expected = CLIENT if b"[" not in appended else "2001:db8::/56"
             self.assertEqual(TRUSTING.client_key(PROXY, fields), expected)
+
+
+class CountingNetwork(IPv4Network):
+    """A network that counts how often it is asked whether it holds an address."""
+
+    asked = 0
+
+    def __contains__(self, other: object) -> bool:
+        self.asked += 1
+        return super().__contains__(other)
+
+
+class TrustCacheTests(SynchronousTestCase):
+    """Whether an address is a trusted proxy is worked out once, not per request."""
+
+    def test_each_address_checked_once(self) -> None:
+        network = CountingNetwork("192.0.2.0/24")
+        policy = ClientAddressPolicy(trusted_proxies=(network,))
+        for _ in range(3):
+            self.assertEqual(policy.client_key(PROXY, headers(x_forwarded_for=CLIENT)), CLIENT)
+            self.assertTrue(policy.trusts_peer(PROXY))
+            self.assertFalse(policy.trusts_peer(CLIENT))
+        self.assertEqual(network.asked, 2)
+
+    def test_bounded(self) -> None:
+        policy = ClientAddressPolicy(trusted_proxies=(ip_network("10.0.0.0/8"),))
+        for n in range(_TRUST_CACHE_SIZE + 10):
+            host = f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}"
+            self.assertTrue(policy.trusts_peer(host))
+            self.assertFalse(policy.trusts_peer(f"198.51.{n >> 8 & 255}.{n & 255}"))
+        self.assertLessEqual(len(policy._trusted), _TRUST_CACHE_SIZE)
+
+    def test_not_part_of_the_value(self) -> None:
+        """Two policies with the same settings are equal, whatever each has seen."""
+        used = ClientAddressPolicy(trusted_proxies=(ip_network("192.0.2.0/24"),))
+        used.trusts_peer(PROXY)
+        fresh = ClientAddressPolicy(trusted_proxies=(ip_network("192.0.2.0/24"),))
+        self.assertEqual((used, hash(used)), (fresh, hash(fresh)))
+        self.assertNotIn("_trusted", repr(used))

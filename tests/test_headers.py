@@ -8,7 +8,8 @@ from __future__ import annotations
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
-from llmgw.headers import secure
+from llmgw import headers as headers_module
+from llmgw.headers import HARDENING_HEADERS, secure
 
 EXPECTED: dict[bytes, bytes] = {
     b"content-security-policy": b"default-src 'none'; frame-ancestors 'none'",
@@ -95,5 +96,36 @@ class SecureTests(SynchronousTestCase):
     def test_idempotent(self) -> None:
         headers = Headers({b"Server": [b"x"]})
         secure(headers)
+        secure(headers)
+        self.assertEqual(as_dict(headers), {name: [value] for name, value in EXPECTED.items()})
+
+
+class StoredFormTests(SynchronousTestCase):
+    """L{secure} writes the stored form directly; it must be what C{setRawHeaders} stores."""
+
+    def test_as_twisted_stores_them(self) -> None:
+        """Name for name, value for value, in order, what Twisted's own setter would store."""
+        with_setter = Headers({b"Content-Type": [b"application/json"], b"X-Frame-Options": [b"x"]})
+        for name, value in HARDENING_HEADERS:
+            with_setter.setRawHeaders(name, [value])
+        direct = Headers({b"Content-Type": [b"application/json"], b"X-Frame-Options": [b"x"]})
+        secure(direct)
+        self.assertEqual(list(direct.getAllRawHeaders()), list(with_setter.getAllRawHeaders()))
+        self.assertEqual(direct, with_setter)
+        self.assertEqual(direct.getRawHeaders(b"x-xss-protection"), [b"0"])
+        self.assertEqual(direct.getRawHeaders("Cache-Control"), ["no-store"])
+
+    def test_values_not_shared(self) -> None:
+        """A value added to one response's header never shows in the next response's."""
+        first, second = Headers(), Headers()
+        secure(first)
+        first.addRawHeader(b"Cache-Control", b"private")
+        secure(second)
+        self.assertEqual(second.getRawHeaders(b"Cache-Control"), [b"no-store"])
+
+    def test_unknown_storage_falls_back(self) -> None:
+        """A Twisted that stores headers some other way still gets them, through its setter."""
+        self.patch(headers_module, "_STORED", None)
+        headers = Headers()
         secure(headers)
         self.assertEqual(as_dict(headers), {name: [value] for name, value in EXPECTED.items()})

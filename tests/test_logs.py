@@ -477,6 +477,19 @@ class AccessLogLineTests(SynchronousTestCase):
         self.assertEqual(iso_utc(0), "1970-01-01T00:00:00.000Z")
         self.assertEqual(iso_utc(86400.9999), "1970-01-02T00:00:00.999Z")
 
+    def test_iso_utc_second_by_second(self) -> None:
+        """The second is formatted once and kept; each line still gets its own time."""
+        times = [1_700_000_059.5, 1_700_000_059.999, 1_700_000_060.0, 1_700_000_059.25]
+        self.assertEqual(
+            [iso_utc(t) for t in times],
+            [
+                "2023-11-14T22:14:19.500Z",
+                "2023-11-14T22:14:19.999Z",
+                "2023-11-14T22:14:20.000Z",
+                "2023-11-14T22:14:19.250Z",
+            ],
+        )
+
 
 class AccessLogFileTests(SynchronousTestCase):
     def setUp(self) -> None:

@@ -662,3 +662,73 @@ class ConnectionRecordTests(SynchronousTestCase):
         c.send(post(101))
         c.channel.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(len(c.records), 1)
+
+
+class CountingTransport(HalfCloseTransport):
+    """A transport that counts how often it is asked for its addresses."""
+
+    def __init__(self, peer: IPv4Address) -> None:
+        super().__init__(hostAddress=IPv4Address("TCP", "127.0.0.1", 8080), peerAddress=peer)
+        self.asked = {"peer": 0, "host": 0}
+
+    def getPeer(self) -> Any:
+        self.asked["peer"] += 1
+        return super().getPeer()
+
+    def getHost(self) -> Any:
+        self.asked["host"] += 1
+        return super().getHost()
+
+
+class PerRequestWorkTests(SynchronousTestCase):
+    """What Twisted redoes for every request is done once a connection, or once a second."""
+
+    def test_addresses_asked_once_a_connection(self) -> None:
+        clock = MemoryReactorClock()
+        site = GatewaySite(Echo(), clock, max_body=100, read_timeout=30)
+        peer = IPv4Address("TCP", "192.0.2.7", 5000)
+        channel: Any = site.buildProtocol(peer)
+        transport = CountingTransport(peer)
+        channel.makeConnection(transport)
+        records: list[RequestRecord] = []
+        site.record_observers.append(records.append)
+        for _ in range(3):
+            channel.dataReceived(post(2) + b"{}")
+        self.assertEqual(transport.value().count(b"HTTP/1.1 200 OK\r\n"), 3)
+        self.assertEqual(transport.asked, {"peer": 1, "host": 1})
+        self.assertEqual([record.client for record in records], ["192.0.2.7"] * 3)
+
+    def test_date_from_the_clock_once_a_second(self) -> None:
+        """The C{Date} header says the site's clock's second, and no C{Server} banner is set."""
+        clock = MemoryReactorClock()
+        clock.advance(1_700_000_000.25)
+        c = Connection(clock=clock)
+        c.send(post(2) + b"{}")
+        self.assertEqual(c.response()[1][b"date"], b"Tue, 14 Nov 2023 22:13:20 GMT")
+        c.clock.advance(0.5)
+        self.assertEqual(c.site.http_date(), b"Tue, 14 Nov 2023 22:13:20 GMT")
+        c.clock.advance(0.5)
+        self.assertEqual(c.site.http_date(), b"Tue, 14 Nov 2023 22:13:21 GMT")
+        self.assertNotIn(b"server", c.response()[1])
+
+    def test_process_as_twisted(self) -> None:
+        """The resource sees Twisted's site and paths; C{*} is answered as Twisted does."""
+        seen: list[tuple[Any, Any, Any]] = []
+
+        class Paths(Resource):
+            isLeaf = True
+
+            def render_GET(self, request: Request) -> bytes:
+                seen.append((request.site, request.prepath, request.postpath))
+                return b"ok"
+
+        c = Connection(resource=Paths())
+        c.send(b"GET /v1/a%20b/c HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(seen, [(c.site, [], [b"v1", b"a b", b"c"])])
+        self.assertEqual(c.response()[0], 200)
+        for method, status in ((b"OPTIONS", 200), (b"GET", 405)):
+            c = Connection(resource=Paths())
+            c.send(method + b" * HTTP/1.1\r\nHost: x\r\n\r\n")
+            status_got, headers, body = c.response()
+            self.assertEqual((status_got, headers[b"content-length"], body), (status, b"0", b""))
+            self.assertEqual(headers[b"x-content-type-options"], b"nosniff")

@@ -11,11 +11,12 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import URI
 from twisted.web.http_headers import Headers
 
 from llmgw.mock import Behaviour
 from llmgw.record import Attempt, RequestRecord
-from llmgw.upstream import EventStreamRelay
+from llmgw.upstream import EventStreamRelay, UpstreamClient
 from tests.loopback import (
     CHAT,
     JSON_HEADERS,
@@ -363,6 +364,39 @@ class StaleConnectionTests(TestCase):
         await request(self, port, body=chat_body())
         await request(self, port, body=chat_body())
         self.assertEqual((server.requests, server.connections), (2, 1))
+
+
+class ParsedOnceTests(TestCase):
+    """Each model server URL is parsed once, not for every request (it costs a twentieth)."""
+
+    @inline
+    async def test_parsed_once(self) -> None:
+        server = KeepAliveFactory("answer")
+        listening = reactor.listenTCP(0, server, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        upstream_port = listening.getHost().port
+        config = gateway_config(aihostport=upstream_port, aischeme="http")
+        gateway = start_gateway(self, config)
+        parsed: list[bytes] = []
+        from_bytes = URI.fromBytes.__func__  # type: ignore[attr-defined]
+
+        def counting(cls: type[URI], uri: bytes, defaultPort: int | None = None) -> URI:
+            parsed.append(uri)
+            return from_bytes(cls, uri, defaultPort)  # type: ignore[no-any-return]
+
+        self.patch(URI, "fromBytes", classmethod(counting))
+        statuses = [(await request(self, gateway.port, body=chat_body())).status for _ in range(3)]
+        self.assertEqual(statuses, [200, 200, 200])
+        self.assertEqual(server.requests, 3)
+        to_upstream = [uri for uri in parsed if b":%d/" % (upstream_port,) in uri]
+        self.assertEqual(to_upstream, [b"http://localhost:%d/v1/chat/completions" % upstream_port])
+
+    def test_refused_url_refused_again(self) -> None:
+        """A URL Agent refuses is not kept: every request with it is refused the same way."""
+        upstream = UpstreamClient(reactor, gateway_config(aischeme="http"))
+        for _ in range(2):
+            with self.assertRaises(ValueError):
+                upstream.agent.request(b"GET", b"http://localhost:9/v1/\x00models")
 
 
 class VLLMWebStackTests(TestCase):
