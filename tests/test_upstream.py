@@ -513,6 +513,9 @@ class StreamRecordTests(TestCase):
 class _Written:
     """What a relay writes to its client: just enough of a request for L{EventStreamRelay}."""
 
+    startedWriting = chunked = 0
+    _disconnected = False
+
     def __init__(self) -> None:
         self.data = b""
 
