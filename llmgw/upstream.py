@@ -107,16 +107,23 @@ class _ChunkedBodyDecoder:
     A read that ends inside a chunk still delivers what it holds: nothing is
     held back waiting for the rest.  Only an unfinished size line, the CR LF
     after a chunk or a trailer line is kept (L{_pending}) until more comes.
+
+    A read that is one whole chunk, as a model server sends each event, takes
+    a shorter path.  And once the response has a protocol for its body, the
+    pieces go straight to it: C{Response} would otherwise look its own state
+    up by name for every piece, only to pass it on to the same protocol.
     """
 
     def __init__(
         self, dataCallback: Callable[[bytes], None], finishCallback: Callable[[bytes], None]
     ) -> None:
         """
-        @param dataCallback: takes each read's body bytes (never empty).
+        @param dataCallback: takes each read's body bytes (never empty):
+            C{Response._bodyDataReceived}, from C{HTTPClientParser}.
         @param finishCallback: takes the bytes after the body, once it ended.
         """
         self._deliver = dataCallback
+        self._response: Any = getattr(dataCallback, "__self__", None)
         self._finish = finishCallback
         self._state = _SIZE
         self._left = 0
@@ -124,9 +131,23 @@ class _ChunkedBodyDecoder:
         self._trailer_bytes = 0
 
     def dataReceived(self, data: bytes) -> None:
+        response = self._response
+        if response is not None and getattr(response, "_state", None) == "CONNECTED":
+            # Its body protocol is set for good: Response raises if asked for another.
+            self._deliver = response._bodyProtocol.dataReceived
+            self._response = None
         if self._pending:
             data = self._pending + data
             self._pending = b""
+        elif self._state == _SIZE:
+            eol = data.find(b"\r\n", 0, _LONGEST_SIZE_LINE + 1)
+            size = data[:eol]
+            if eol > 0 and not size.translate(None, _HEX_DIGITS):
+                start = eol + 2
+                stop = start + int(size, 16)
+                if stop + 2 == len(data) and stop > start and data.endswith(b"\r\n"):
+                    self._deliver(data[start:stop])
+                    return
         pieces: list[bytes] = []
         try:
             rest = self._decode(data, pieces)
@@ -543,6 +564,7 @@ _STREAM_OUTCOMES = {
 
 #: The longest SSE line kept to be read for its C{usage} when it arrives in pieces.
 _LONGEST_USAGE_EVENT = 64 * 1024
+_LINE_ENDS = (b"\n", b"\r")
 
 
 class EventStreamRelay(Protocol):
@@ -606,7 +628,12 @@ class EventStreamRelay(Protocol):
         if record is not None:
             if record.ttft is None:
                 record.ttft = self.clock.seconds() - record.started
-            self._scan(record, data)
+            if (
+                self._unfinished_line is not None
+                or b'"usage"' in data
+                or not data.endswith(_LINE_ENDS)
+            ):
+                self._scan(record, data)
 
     def _write(self, data: bytes) -> None:
         """
@@ -650,7 +677,7 @@ class EventStreamRelay(Protocol):
             data = unfinished + data
         if b'"usage"' in data:
             self._read_usage(record, data)
-        if data and not data.endswith((b"\n", b"\r")):
+        if data and not data.endswith(_LINE_ENDS):
             start = max(data.rfind(b"\n"), data.rfind(b"\r")) + 1
             if len(data) - start <= _LONGEST_USAGE_EVENT:
                 self._unfinished_line = data[start:]

@@ -676,6 +676,15 @@ class ChunkedBodyDecoderTests(SynchronousTestCase):
                 self.assertEqual(ours.rest(), b"HTTP/1.1", reads)
                 self.assertLessEqual(len(ours.pieces), 3)
 
+    def test_whole_chunk_reads(self) -> None:
+        """A read that is one whole chunk, as a model server sends each event."""
+        decoded = _Decoded(_ChunkedBodyDecoder)
+        self.assertEqual(
+            decoded.feed(b"3\r\nabc\r\n", b"A\r\n0123456789\r\n"), [b"abc", b"0123456789"]
+        )
+        self.assertRaises(_MalformedChunkedDataError, decoded.feed, b"3\r\nabcXY")
+        self.assertEqual(decoded.pieces, [b"abc", b"0123456789", b"abc"])
+
     def test_byte_by_byte(self) -> None:
         decoded = _Decoded(_ChunkedBodyDecoder)
         for at in range(len(CHUNKED)):
