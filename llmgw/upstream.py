@@ -25,6 +25,7 @@ from twisted.internet.ssl import platformTrust
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web._newclient import (
+    HTTP11ClientProtocol,
     RequestNotSent,
     RequestTransmissionFailed,
     ResponseNeverReceived,
@@ -40,7 +41,7 @@ from twisted.web.client import (
     _HTTP11ClientFactory,
     _RetryingHTTP11ClientProtocol,
 )
-from twisted.web.http import PotentialDataLoss
+from twisted.web.http import PotentialDataLoss, _DataLoss, _MalformedChunkedDataError
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
 from twisted.web.server import Request
@@ -81,10 +82,191 @@ def _describe(failure: Failure, origin: str | None) -> str:
     return "the connection failed before a reply arrived"
 
 
+_SIZE, _BODY, _CRLF, _TRAILER, _DONE = range(5)
+
+#: Twisted's limits: the longest chunk-size line, and the most trailer bytes.
+_LONGEST_SIZE_LINE = 1024
+_LONGEST_TRAILER = 64 * 1024
+_HEX_DIGITS = b"0123456789abcdefABCDEF"
+#: What a chunk extension may hold (RFC 9112's tokens, quoted strings, and obs-text).
+_EXTENSION_BYTES = bytes([9, *range(32, 127), *range(128, 256)])
+
+
+class _ChunkedBodyDecoder:
+    """
+    Decode a C{chunked} reply body, and hand the response everything one read
+    brought as one piece.
+
+    Twisted's decoder hands over each chunk apart, and looks each of its steps
+    up by name, three per chunk.  A model server sends an event per chunk and
+    several events often share a read, so the relay wrote several pieces to
+    its client for one read, and the decoder's bookkeeping cost more than the
+    relay.  This decoder walks a read once, slicing out the bodies, and is as
+    strict as Twisted's: the same limits, the same malformed framing refused
+    (L{_MalformedChunkedDataError}, which fails the reply) after the bytes
+    before it were delivered, and L{_DataLoss} if the body ends early.
+
+    A read that ends inside a chunk still delivers what it holds: nothing is
+    held back waiting for the rest.  Only an unfinished size line, the CR LF
+    after a chunk or a trailer line is kept (L{_pending}) until more comes.
+
+    A read that is one whole chunk, as a model server sends each event, takes
+    a shorter path.  And once the response has a protocol for its body, the
+    pieces go straight to it: C{Response} would otherwise look its own state
+    up by name for every piece, only to pass it on to the same protocol.
+    """
+
+    def __init__(
+        self, dataCallback: Callable[[bytes], None], finishCallback: Callable[[bytes], None]
+    ) -> None:
+        """
+        @param dataCallback: takes each read's body bytes (never empty):
+            C{Response._bodyDataReceived}, from C{HTTPClientParser}.
+        @param finishCallback: takes the bytes after the body, once it ended.
+        """
+        self._deliver = dataCallback
+        self._response: Any = getattr(dataCallback, "__self__", None)
+        self._finish = finishCallback
+        self._state = _SIZE
+        self._left = 0
+        self._pending = b""
+        self._trailer_bytes = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        response = self._response
+        if response is not None and getattr(response, "_state", None) == "CONNECTED":
+            # Its body protocol is set for good: Response raises if asked for another.
+            self._deliver = response._bodyProtocol.dataReceived
+            self._response = None
+        if self._pending:
+            data = self._pending + data
+            self._pending = b""
+        elif self._state == _SIZE:
+            eol = data.find(b"\r\n", 0, _LONGEST_SIZE_LINE + 1)
+            size = data[:eol]
+            if eol > 0 and not size.translate(None, _HEX_DIGITS):
+                start = eol + 2
+                stop = start + int(size, 16)
+                if stop + 2 == len(data) and stop > start and data.endswith(b"\r\n"):
+                    self._deliver(data[start:stop])
+                    return
+        pieces: list[bytes] = []
+        try:
+            rest = self._decode(data, pieces)
+        finally:
+            if pieces:
+                self._deliver(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+        if rest is not None:
+            self._finish(rest)
+
+    def _decode(self, data: bytes, pieces: list[bytes]) -> bytes | None:
+        """
+        Add the body bytes of C{data} to C{pieces}.
+
+        @return: the bytes after the body if it ended in C{data}, else L{None}.
+        """
+        at, end = 0, len(data)
+        while at < end:
+            state = self._state
+            if state == _BODY:
+                stop = at + self._left
+                if stop > end:
+                    pieces.append(data[at:])
+                    self._left = stop - end
+                    return None
+                pieces.append(data[at:stop])
+                at = stop
+                self._state = _CRLF
+            elif state == _CRLF:
+                if data.startswith(b"\r\n", at):
+                    at += 2
+                    self._state = _SIZE
+                elif data[at:] == b"\r":
+                    self._pending = b"\r"
+                    return None
+                else:
+                    raise _MalformedChunkedDataError("Chunk did not end with CRLF")
+            elif state == _SIZE:
+                eol = data.find(b"\r\n", at, at + _LONGEST_SIZE_LINE + 1)
+                if eol == -1:
+                    if end - at > _LONGEST_SIZE_LINE:
+                        raise _MalformedChunkedDataError("Chunk size line is too long.")
+                    self._pending = data[at:]
+                    return None
+                size = _chunk_size(data[at:eol])
+                at = eol + 2
+                stop = at + size
+                if size and data.startswith(b"\r\n", stop):
+                    # The common case, a whole chunk: its body and CR LF at once.
+                    pieces.append(data[at:stop])
+                    at = stop + 2
+                else:
+                    self._left = size
+                    self._state = _BODY if size else _TRAILER
+            elif state == _TRAILER:
+                eol = data.find(b"\r\n", at)
+                if eol == at:
+                    self._state = _DONE
+                    return data[at + 2 :]
+                self._trailer_bytes += (end if eol == -1 else eol + 2) - at
+                if self._trailer_bytes > _LONGEST_TRAILER:
+                    raise _MalformedChunkedDataError("Trailer headers data is too long.")
+                if eol == -1:
+                    # Only whether the line is empty so far, and its last byte
+                    # (a CR that the next read's LF may end it with), matter.
+                    tail = data[at:]
+                    self._pending = tail if len(tail) < 2 else b"-" + tail[-1:]
+                    self._trailer_bytes -= len(self._pending)
+                    return None
+                at = eol + 2
+            else:
+                raise RuntimeError("Chunked body data received after its last chunk")
+        return None
+
+    def noMoreData(self) -> None:
+        """The connection closed: the body must have ended before it did."""
+        if self._state != _DONE:
+            raise _DataLoss("The chunked body ended before its last chunk.")
+
+
+def _chunk_size(line: bytes) -> int:
+    """The size a chunk-size line gives, checked as strictly as Twisted does."""
+    if line and not line.translate(None, _HEX_DIGITS):
+        return int(line, 16)
+    size, _, extensions = line.partition(b";")
+    if not size or size.translate(None, _HEX_DIGITS):
+        raise _MalformedChunkedDataError("Chunk-size must be an integer.")
+    if extensions.translate(None, _EXTENSION_BYTES):
+        raise _MalformedChunkedDataError("Invalid characters in chunk extensions.")
+    return int(size, 16)
+
+
+class _UpstreamProtocol(HTTP11ClientProtocol):
+    """A pooled connection whose replies' chunked bodies L{_ChunkedBodyDecoder} reads."""
+
+    def request(self, request: Any) -> Deferred[IResponse]:
+        d: Deferred[IResponse] = super().request(request)
+        parser = self._parser
+        if parser is not None:
+            # HTTPClientParser picks its body decoder from this table once the
+            # reply's headers are in.
+            parser._transferDecoders = _TRANSFER_DECODERS  # type: ignore[assignment]
+        return d
+
+
+_TRANSFER_DECODERS = {b"chunked": _ChunkedBodyDecoder}
+
+
 class _QuietFactory(_HTTP11ClientFactory):
-    """Twisted logs every new pooled connection; at gateway rates that is noise."""
+    """
+    Twisted logs every new pooled connection; at gateway rates that is noise.
+    Its connections decode chunked bodies a read at a time (L{_UpstreamProtocol}).
+    """
 
     noisy = False
+
+    def buildProtocol(self, addr: Any) -> HTTP11ClientProtocol:
+        return _UpstreamProtocol(self._quiescentCallback)  # type: ignore[no-untyped-call]
 
 
 class ReplicaUnreachable(Exception):
@@ -440,18 +622,21 @@ _STREAM_OUTCOMES = {
     "idle_timeout": "timeout",
 }
 
-#: The longest SSE event kept to be read for its C{usage} when it arrives in pieces.
+#: The longest SSE line kept to be read for its C{usage} when it arrives in pieces.
 _LONGEST_USAGE_EVENT = 64 * 1024
+_LINE_ENDS = (b"\n", b"\r")
 
 
 class EventStreamRelay(Protocol):
     """
     Relay a C{text/event-stream} body to the client as it arrives.
 
-    The upstream connection is registered as the client's producer, so a slow
-    reader pauses the upstream read and memory stays flat however long the
-    stream runs.  Silence longer than C{idle_timeout}, or a broken upstream,
-    ends the stream with a final C{data: {"error": ...}} event.
+    Each read from the model server is written to the client at once, as it
+    came: events are never held back for more to arrive.  The upstream
+    connection is registered as the client's producer, so a slow reader
+    pauses the upstream read and memory stays flat however long the stream
+    runs.  Silence longer than C{idle_timeout}, or a broken upstream, ends
+    the stream with a final C{data: {"error": ...}} event.
 
     With a C{record}, it notes the time to the first event, the token counts
     of a final chunk that carries C{usage} (C{stream_options.include_usage}),
@@ -480,7 +665,8 @@ class EventStreamRelay(Protocol):
         self.done: Deferred[None] = Deferred()
         self._idle: IDelayedCall | None = None
         self._error: ApiError | None = None
-        self._partial_usage: bytes | None = None
+        self._unfinished_line: bytes | None = None
+        self._write_chunk: Callable[[bytes], None] | None = None
 
     def connectionMade(self) -> None:
         self.request.registerProducer(self.transport, True)
@@ -491,47 +677,97 @@ class EventStreamRelay(Protocol):
             self._idle.reset(self.idle_timeout)
         if self.on_chunk is not None:
             self.on_chunk(data)
-        self.request.write(data)
+        request = self.request
+        write_chunk = self._write_chunk
+        if write_chunk is not None and data and not request._disconnected:
+            request.sentLength += len(data)
+            write_chunk(b"%x\r\n%b\r\n" % (len(data), data))
+        else:
+            self._write(data)
         record = self.record
         if record is not None:
             if record.ttft is None:
                 record.ttft = self.clock.seconds() - record.started
-            if self._partial_usage is not None or b'"usage"' in data:
-                self._read_usage(record, data)
+            if (
+                self._unfinished_line is not None
+                or b'"usage"' in data
+                or not data.endswith(_LINE_ENDS)
+            ):
+                self._scan(record, data)
+
+    def _write(self, data: bytes) -> None:
+        """
+        Write through the request, which sends the headers the first time;
+        then, on a chunked response, write the chunks straight to the
+        client's connection.
+
+        C{Request.write} checks the request's state, the method and the
+        status for every piece, and hands four pieces to the transport, which
+        checks each: a tenth of the gateway's work per event.  Once the
+        headers are out, none of that can change until the stream ends, so
+        the relay frames each read as one chunk itself, exactly as
+        C{Request.write} would, and counts its bytes as it would.
+        """
+        request = self.request
+        request.write(data)
+        if (
+            request.startedWriting
+            and request.chunked
+            and not request._disconnected
+            and getattr(request, "_encoder", None) is None
+            and request.channel.transport is not None
+        ):
+            self._write_chunk = request.channel.transport.write
+
+    def _scan(self, record: RequestRecord, data: bytes) -> None:
+        """
+        Look for the token counts in a read, and keep a line that it cut
+        short for the next read.
+
+        The usage is read from the one line that names C{usage} as an object
+        (OpenAI names it in every chunk, as C{null}, until the last), so the
+        scan is a search for the word in each read; only a line that a read
+        cut off, rare for a model server that writes whole events, is kept
+        and joined to the next read, so that the word and its event are found
+        however the event is cut.
+        """
+        unfinished = self._unfinished_line
+        if unfinished is not None:
+            self._unfinished_line = None
+            data = unfinished + data
+        if b'"usage"' in data:
+            self._read_usage(record, data)
+        if data and not data.endswith(_LINE_ENDS):
+            start = max(data.rfind(b"\n"), data.rfind(b"\r")) + 1
+            if len(data) - start <= _LONGEST_USAGE_EVENT:
+                self._unfinished_line = data[start:]
 
     def _read_usage(self, record: RequestRecord, data: bytes) -> None:
         """
-        Take the token counts from an event whose C{usage} is an object.
-
-        Only chunks that name C{usage} are looked at (OpenAI names it in
-        every chunk, as C{null}), and only the event that holds it is parsed.
-        An event cut between two reads is kept until its end arrives.
+        Take the token counts from the last whole line whose C{usage} is an
+        object; the parse is of that line alone.
         """
-        if self._partial_usage is not None:
-            data = self._partial_usage + data
-            self._partial_usage = None
-        at = data.rfind(b'"usage"')
-        while at != -1:
-            value = data[at + 7 : at + 16].lstrip(b": \t")
-            if value[:1] == b"{" or (not value and len(data) - at < 16):
-                break
+        at = len(data)
+        while True:
             at = data.rfind(b'"usage"', 0, at)
-        if at == -1:
+            if at == -1:
+                return
+            if data[at + 7 : at + 16].lstrip(b": \t")[:1] != b"{":
+                continue
+            start = data.rfind(b"data:", 0, at)
+            end = data.find(b"\n", at)
+            cr = data.find(b"\r", at, None if end == -1 else end)
+            if cr != -1:
+                end = cr
+            if start == -1 or end == -1:
+                continue  # a line cut short: it is read again once it is whole
+            try:
+                event = json.loads(data[start + 5 : end])
+            except ValueError:
+                return
+            if isinstance(event, dict):
+                record.take_usage(event.get("usage"))
             return
-        start = data.rfind(b"data:", 0, at)
-        end = data.find(b"\n", at)
-        if start == -1:
-            return
-        if end == -1:
-            if len(data) - start <= _LONGEST_USAGE_EVENT:
-                self._partial_usage = data[start:]
-            return
-        try:
-            event = json.loads(data[start + 5 : end])
-        except ValueError:
-            return
-        if isinstance(event, dict):
-            record.take_usage(event.get("usage"))
 
     def _went_quiet(self) -> None:
         self._idle = None

@@ -4,19 +4,29 @@ from __future__ import annotations
 
 import json
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web import http
+from twisted.web._newclient import Request as ClientRequest
 from twisted.web.client import URI
+from twisted.web.http import _ChunkedTransferDecoder, _DataLoss, _MalformedChunkedDataError
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IResponse
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 
 from llmgw.mock import Behaviour
 from llmgw.record import Attempt, RequestRecord
-from llmgw.upstream import EventStreamRelay, UpstreamClient
+from llmgw.site import GatewayRequest
+from llmgw.upstream import EventStreamRelay, UpstreamClient, _ChunkedBodyDecoder, _QuietFactory
 from tests.loopback import (
     CHAT,
     JSON_HEADERS,
@@ -547,6 +557,9 @@ class StreamRecordTests(TestCase):
 class _Written:
     """What a relay writes to its client: just enough of a request for L{EventStreamRelay}."""
 
+    startedWriting = chunked = 0
+    _disconnected = False
+
     def __init__(self) -> None:
         self.data = b""
 
@@ -601,3 +614,342 @@ class StreamUsageTests(SynchronousTestCase):
         relay, record = self.relay()
         relay.dataReceived(b'data: {"usage":{"prompt_tokens": oops}\n\n')
         self.assertEqual((record.prompt_tokens, record.completion_tokens), (None, None))
+
+    def test_usage_event_cut_anywhere(self) -> None:
+        """
+        Cut anywhere in the stream's last events, the word C{usage} itself
+        too: the counts are found all the same, once the event is whole.
+        """
+        stream = b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n' + self.USAGE
+        stream += b"data: [DONE]\n\n"
+        for cut in range(1, len(stream)):
+            relay, record = self.relay()
+            relay.dataReceived(stream[:cut])
+            relay.dataReceived(stream[cut:])
+            self.assertEqual((record.prompt_tokens, record.completion_tokens), (12, 7), cut)
+
+    def test_usage_event_in_many_reads(self) -> None:
+        """An event that comes a few bytes at a time, its lines ended with CR LF."""
+        event = self.USAGE.replace(b"\n", b"\r\n")
+        for size in (1, 2, 3, 7):
+            relay, record = self.relay()
+            for at in range(0, len(event), size):
+                relay.dataReceived(event[at : at + size])
+            self.assertEqual((record.prompt_tokens, record.completion_tokens), (12, 7), size)
+
+    def test_usage_line_too_long(self) -> None:
+        """A line cut short is kept up to a limit: memory stays bounded."""
+        relay, record = self.relay()
+        relay.dataReceived(b'data: {"pad":"' + b"x" * 70_000)
+        relay.dataReceived(b'","usage":{"prompt_tokens":1,"completion_tokens":1}}\n\n')
+        self.assertEqual((record.prompt_tokens, record.completion_tokens), (None, None))
+        relay.dataReceived(self.USAGE)
+        self.assertEqual((record.prompt_tokens, record.completion_tokens), (12, 7))
+
+
+#: A chunked body: a chunk extension, an event cut across chunks, a trailer,
+#: and the start of the next reply on the same connection after it.
+CHUNKED = (
+    b'1b;name=value\r\ndata: {"choices":["one"]}\n\n\r\n'
+    b"7\r\ndata: {\r\n"
+    b'A\r\n"two":2}\n\n\r\n'
+    b"0\r\nTrailer: x\r\n\r\n"
+    b"HTTP/1.1"
+)
+CHUNKED_BODY = b'data: {"choices":["one"]}\n\ndata: {"two":2}\n\n'
+
+
+class _Decoded:
+    """What a chunked decoder hands on, read by read."""
+
+    def __init__(self, decoder_type: Any) -> None:
+        self.pieces: list[bytes] = []
+        self.finished: list[bytes] = []
+        self.decoder = decoder_type(self.pieces.append, self.finished.append)
+
+    def feed(self, *reads: bytes) -> list[bytes]:
+        """
+        Feed C{reads} as Twisted's parser does (once the body ended, what
+        follows is the next reply's); the body bytes each one delivered.
+        """
+        delivered = []
+        for data in reads:
+            before = len(self.pieces)
+            if self.finished:
+                self.finished.append(data)
+            else:
+                self.decoder.dataReceived(data)
+            delivered.append(b"".join(self.pieces[before:]))
+        return delivered
+
+    def rest(self) -> bytes | None:
+        """The bytes after the body, or L{None} while it has not ended."""
+        return b"".join(self.finished) if self.finished else None
+
+
+class ChunkedBodyDecoderTests(SynchronousTestCase):
+    """
+    L{_ChunkedBodyDecoder} delivers what Twisted's decoder delivers, read for
+    read, but as one piece per read, and refuses what it refuses.
+    """
+
+    def test_one_piece_per_read(self) -> None:
+        decoded = _Decoded(_ChunkedBodyDecoder)
+        decoded.feed(CHUNKED)
+        self.assertEqual(decoded.pieces, [CHUNKED_BODY])
+        self.assertEqual(decoded.finished, [b"HTTP/1.1"])
+
+    def test_cut_anywhere(self) -> None:
+        """Cut in two or three at every place: each read delivers at once what it holds."""
+        for first in range(1, len(CHUNKED)):
+            for second in (first + 1, first + 2, len(CHUNKED)):
+                reads = (CHUNKED[:first], CHUNKED[first:second], CHUNKED[second:])
+                ours, twisted = _Decoded(_ChunkedBodyDecoder), _Decoded(_ChunkedTransferDecoder)
+                self.assertEqual(ours.feed(*reads), twisted.feed(*reads), reads)
+                self.assertEqual(b"".join(ours.pieces), CHUNKED_BODY)
+                self.assertEqual(ours.rest(), b"HTTP/1.1", reads)
+                self.assertLessEqual(len(ours.pieces), 3)
+
+    def test_whole_chunk_reads(self) -> None:
+        """A read that is one whole chunk, as a model server sends each event."""
+        decoded = _Decoded(_ChunkedBodyDecoder)
+        self.assertEqual(
+            decoded.feed(b"3\r\nabc\r\n", b"A\r\n0123456789\r\n"), [b"abc", b"0123456789"]
+        )
+        self.assertRaises(_MalformedChunkedDataError, decoded.feed, b"3\r\nabcXY")
+        self.assertEqual(decoded.pieces, [b"abc", b"0123456789", b"abc"])
+
+    def test_byte_by_byte(self) -> None:
+        decoded = _Decoded(_ChunkedBodyDecoder)
+        for at in range(len(CHUNKED)):
+            decoded.feed(CHUNKED[at : at + 1])
+        self.assertEqual(b"".join(decoded.pieces), CHUNKED_BODY)
+        self.assertEqual(decoded.rest(), b"HTTP/1.1")
+
+    def test_malformed(self) -> None:
+        """What Twisted refuses is refused, once the bytes before it are delivered."""
+        malformed = [
+            b"zz\r\n",
+            b"0x3\r\nabc\r\n",
+            b" 3\r\nabc\r\n",
+            b"+3\r\nabc\r\n",
+            b"\r\n",
+            b"3;\x01\r\nabc\r\n",
+            b"3\r\nabcX\r\n",
+            b"3\r\nabc\rX",
+            b"3" * 1025,
+            b"0" * 1024 + b"3\r\nabc\r\n",
+            b"0\r\n" + b"Trailer: x\r\n" * 6000,
+        ]
+        for body in malformed:
+            delivered = []
+            for decoder_type in (_ChunkedBodyDecoder, _ChunkedTransferDecoder):
+                decoded = _Decoded(decoder_type)
+                self.assertRaises(_MalformedChunkedDataError, decoded.feed, b"2\r\nok\r\n" + body)
+                delivered.append(b"".join(decoded.pieces))
+            self.assertEqual(delivered[0], delivered[1], body)
+            self.assertTrue(delivered[0].startswith(b"ok"), body)
+
+    def test_trailer_too_long_in_small_reads(self) -> None:
+        decoded = _Decoded(_ChunkedBodyDecoder)
+        decoded.feed(b"0\r\n")
+        line = b"Trailer: " + b"x" * 1000 + b"\r\n"
+        with self.assertRaises(_MalformedChunkedDataError):
+            for _ in range(100):
+                for at in range(0, len(line), 100):
+                    decoded.feed(line[at : at + 100])
+        self.assertEqual(decoded.finished, [])
+
+    def test_ended_early(self) -> None:
+        """The connection closing before the last chunk is data loss."""
+        decoded = _Decoded(_ChunkedBodyDecoder)
+        decoded.feed(CHUNKED[:40])
+        self.assertRaises(_DataLoss, decoded.decoder.noMoreData)
+        decoded.feed(CHUNKED[40:])
+        decoded.decoder.noMoreData()
+
+    def test_nothing_after_the_end(self) -> None:
+        decoded = _Decoded(_ChunkedBodyDecoder)
+        decoded.feed(b"0\r\n\r\n")
+        self.assertRaises(RuntimeError, decoded.decoder.dataReceived, b"1\r\nx\r\n")
+
+
+EVENT = b'data: {"choices":[{"delta":{"content":"one"}}]}\n\n'
+EVENT2 = b'data: {"choices":[{"delta":{"content":"two"}}]}\n\n'
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+class RelayInMemoryTests(SynchronousTestCase):
+    """
+    A stream relayed between Twisted's real HTTP client and server objects,
+    over memory: the client's bytes, exactly, read by read.
+    """
+
+    def setUp(self) -> None:
+        factory = _QuietFactory(lambda _: None, "upstream")
+        self.upstream = factory.buildProtocol(None)
+        self.upstream.makeConnection(StringTransport())
+        responses: list[IResponse] = []
+        sent = ClientRequest(b"POST", b"/", Headers({b"host": [b"x"]}), None)
+        self.upstream.request(sent).addCallback(responses.append)
+        self.upstream.dataReceived(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        channel = http.HTTPChannel()
+        channel.site = Site(Resource())  # type: ignore[attr-defined]
+        channel.timeOut = None
+        self.client = StringTransport()
+        channel.makeConnection(self.client)
+        self.request = GatewayRequest(channel, False)
+        self.request.clientproto = b"HTTP/1.1"
+        self.request.method = b"POST"
+        channel.requests.append(self.request)
+        self.record = RequestRecord("id", 0.0, "127.0.0.1", "POST", "/v1/chat/completions")
+        self.relay = EventStreamRelay(self.request, Clock(), 10, record=self.record)
+        [response] = responses
+        response.deliverBody(self.relay)
+        self.relay.done.addCallback(lambda _: setattr(self, "ended", True))
+        self.ended = False
+
+    def body(self) -> bytes:
+        """The response body so far, as the client got it: chunk framing and all."""
+        written: bytes = self.client.value()
+        return written.partition(b"\r\n\r\n")[2]
+
+    def test_each_read_one_chunk(self) -> None:
+        """
+        Two events in one upstream read reach the client as one chunk; an
+        event cut across reads is written at once, and its end with the next
+        read.
+        """
+        self.upstream.dataReceived(chunk(EVENT) + chunk(EVENT2))
+        self.assertEqual(self.body(), chunk(EVENT + EVENT2))
+        self.upstream.dataReceived(b"%x\r\n%s" % (len(EVENT), EVENT[:10]))
+        self.assertEqual(self.body(), chunk(EVENT + EVENT2) + chunk(EVENT[:10]))
+        self.upstream.dataReceived(EVENT[10:] + b"\r\n" + chunk(EVENT2)[:5])
+        self.assertEqual(
+            self.body(),
+            chunk(EVENT + EVENT2) + chunk(EVENT[:10]) + chunk(EVENT[10:] + EVENT2[:1]),
+        )
+        self.upstream.dataReceived(chunk(EVENT2)[5:] + b"0\r\n\r\n")
+        self.assertEqual(
+            self.body(),
+            chunk(EVENT + EVENT2)
+            + chunk(EVENT[:10])
+            + chunk(EVENT[10:] + EVENT2[:1])
+            + chunk(EVENT2[1:])
+            + b"0\r\n\r\n",
+        )
+        self.assertTrue(self.ended)
+        self.assertTrue(self.request.finished)
+        self.assertEqual(self.request.sentLength, len(EVENT + EVENT2) * 2)
+        self.assertEqual(self.record.ttft, 0.0)
+
+    def test_headers_once(self) -> None:
+        """The first read sends the headers, hardened; the rest only chunks."""
+        self.upstream.dataReceived(chunk(EVENT))
+        self.upstream.dataReceived(chunk(EVENT2))
+        head, _, body = self.client.value().partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 OK\r\n"), head)
+        self.assertIn(b"\r\nTransfer-Encoding: chunked", head)
+        self.assertIn(b"\r\nX-Frame-Options: DENY", head)
+        self.assertEqual(body, chunk(EVENT) + chunk(EVENT2))
+
+    def test_client_gone(self) -> None:
+        """Once the client went away, nothing more is written for it."""
+        self.upstream.dataReceived(chunk(EVENT))
+        written = self.client.value()
+        self.request.connectionLost(Failure(ConnectionError("gone")))
+        self.upstream.dataReceived(chunk(EVENT2))
+        self.assertEqual(self.client.value(), written)
+
+    def test_broken_framing(self) -> None:
+        """Malformed framing ends the stream with an error event, after what came before it."""
+        self.upstream.dataReceived(chunk(EVENT) + b"zz\r\n")
+        self.assertTrue(self.ended)
+        body = self.body()
+        self.assertTrue(body.startswith(chunk(EVENT)), body)
+        self.assertIn(b"upstream_bad_response", body)
+        self.assertTrue(body.endswith(b"\r\n0\r\n\r\n"), body)
+        self.assertEqual(self.record.stream_abort, "upstream_broke")
+
+
+class ScriptedStream(Protocol):
+    """A plain-HTTP model server whose stream the test writes, piece by piece."""
+
+    factory: ScriptedStreamFactory
+    transport: Any
+
+    def connectionMade(self) -> None:
+        self.buffer = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        head, found, body = self.buffer.partition(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        if found and len(body) == length:
+            self.transport.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n"
+            )
+            self.factory.streams.append(self)
+
+
+class ScriptedStreamFactory(Factory):
+    protocol = ScriptedStream  # type: ignore[assignment]
+
+    def __init__(self) -> None:
+        self.streams: list[ScriptedStream] = []
+
+
+class StreamFramingTests(TestCase):
+    """Over real sockets: what one upstream read brings, the client gets at once, exactly."""
+
+    @inline
+    async def test_reads_relayed_exactly_and_at_once(self) -> None:
+        """
+        An event cut across reads is relayed before its end exists; a read
+        holding the end of one event and the start of the next (cut inside
+        the word C{usage}) reaches the client as one chunk; the token counts
+        are read all the same.
+        """
+        factory = ScriptedStreamFactory()
+        listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        config = gateway_config(aihostport=listening.getHost().port, aischeme="http")
+        gateway = start_gateway(self, config)
+        sock = raw_request(self, gateway.port, chat_body(stream=True))
+        await eventually(lambda: len(factory.streams) == 1)
+        [upstream] = factory.streams
+        received = bytearray()
+
+        def body_is(expected: bytes) -> Callable[[], bool]:
+            def check() -> bool:
+                try:
+                    received.extend(sock.recv(65536))
+                except BlockingIOError:
+                    pass
+                return bytes(received).partition(b"\r\n\r\n")[2] == expected
+
+            return check
+
+        usage = StreamUsageTests.USAGE
+        cut = usage.index(b'"usage"') + 3
+        upstream.transport.write(b"%x\r\n%s" % (len(EVENT), EVENT[:10]))
+        expected = chunk(EVENT[:10])
+        await eventually(body_is(expected))
+        upstream.transport.write(EVENT[10:] + b"\r\n" + chunk(usage[:cut]))
+        expected += chunk(EVENT[10:] + usage[:cut])
+        await eventually(body_is(expected))
+        upstream.transport.write(chunk(usage[cut:] + b"data: [DONE]\n\n") + b"0\r\n\r\n")
+        expected += chunk(usage[cut:] + b"data: [DONE]\n\n") + b"0\r\n\r\n"
+        await eventually(body_is(expected))
+        await eventually(lambda: len(gateway.records) == 1)
+        [record] = gateway.records
+        self.assertEqual((record.status, record.stream_abort), (200, None))
+        self.assertEqual((record.prompt_tokens, record.completion_tokens), (12, 7))
+        self.assertEqual(record.bytes_out, len(EVENT + usage) + len(b"data: [DONE]\n\n"))
