@@ -24,6 +24,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.server import Site
 
+from llmgw import heap
 from llmgw.api import GatewayResource
 from llmgw.console import ConsoleCommands, console_service, prompt_safe_stdout
 from llmgw.health import HealthChecker, OnChange, state_name
@@ -507,4 +508,6 @@ def makeService(options: Options) -> IService:
 
     # Before twistd builds its log observer on sys.stdout, so that log lines
     # can be printed above the console's prompt instead of through it.
-    return make_service(options.config, reactor, stdout=prompt_safe_stdout())
+    service = make_service(options.config, reactor, stdout=prompt_safe_stdout())
+    heap.settle()
+    return service

@@ -28,6 +28,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from llmgw import heap
 from llmgw.admission import (
     FROM_PARENT_FD,
     RECORD,
@@ -398,6 +399,7 @@ def serve(config: Config, colour: bool, reactor: Any) -> None:
     reactor.addSystemEventTrigger("before", "shutdown", lambda: Deferred.fromCoroutine(drain()))
     StandardIO(parent, reactor=reactor)
     sending.start(SEND_INTERVAL, now=False)
+    heap.settle()
     reactor.run()
 
 
