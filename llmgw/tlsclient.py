@@ -110,11 +110,12 @@ class SessionResumingCreator:
         """
         Whether the connection's server certificate is valid for this origin's host.
 
-        Twisted checked it during the handshake, and refused the connection otherwise; but on
+        Twisted checked it during the handshake and refused the connection otherwise; but on
         Twisted 22.4 the host name is checked only once OpenSSL has finished the handshake, so
-        a refused connection still holds a complete session.  Checking again here means a
-        session is kept only if it is this origin's, on any Twisted.  The check is made once
-        for each certificate the server presents.
+        a refused connection still holds a complete session.  OpenSSL does not resume it (the
+        connection was aborted), and Twisted 22.4 would check the host again on a resumed
+        handshake, but a session is kept only if this check, here, says it is the origin's.
+        It is made once for each certificate the server presents.
         """
         certificate = connection.get_peer_certificate()
         if certificate is None:
