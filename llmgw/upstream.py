@@ -52,6 +52,7 @@ from llmgw.errors import ApiError
 from llmgw.files import load_trust_root
 from llmgw.options import Config
 from llmgw.record import RequestRecord
+from llmgw.tlsclient import SessionResumingCreator
 
 log = Logger()
 
@@ -361,11 +362,21 @@ class _ModelServerEndpoints:
 
     Agent's default asks the policy for new TLS options on every request
     (cipher selection, IDNA, a new context), which was a tenth of a worker's
-    time under load.  The gateway talks to a few fixed origins.
+    time under load.  The gateway talks to a few fixed origins, and each
+    origin's creator resumes the TLS sessions of that origin alone
+    (L{SessionResumingCreator}).
     """
 
-    def __init__(self, reactor: Any, policy: BrowserLikePolicyForHTTPS, timeout: float) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        policy: BrowserLikePolicyForHTTPS,
+        timeout: float,
+        clock: IReactorTime,
+    ) -> None:
+        """@param clock: tells how old a connection is, for L{SessionResumingCreator}."""
         self.reactor = reactor
+        self.clock = clock
         self.policy = policy
         self.timeout = timeout
         self._endpoints: dict[tuple[bytes, bytes, int], Any] = {}
@@ -378,7 +389,11 @@ class _ModelServerEndpoints:
                 self.reactor, uri.host.decode("ascii"), uri.port, timeout=self.timeout
             )
             if uri.scheme == b"https":
-                creator = self.policy.creatorForNetloc(uri.host, uri.port)
+                creator = SessionResumingCreator(
+                    self.policy.creatorForNetloc(uri.host, uri.port),
+                    uri.host.decode("ascii"),
+                    self.clock,
+                )
                 endpoint = wrapClientTLS(creator, endpoint)
             self._endpoints[key] = endpoint
         return endpoint
@@ -480,7 +495,7 @@ class UpstreamClient:
         self.pool.cachedConnectionTimeout = config.upstream_idle_timeout  # type: ignore[assignment]
         trust = load_trust_root(config.aica) if config.aica else platformTrust()
         endpoints = _ModelServerEndpoints(
-            reactor, BrowserLikePolicyForHTTPS(trustRoot=trust), config.connect_timeout
+            reactor, BrowserLikePolicyForHTTPS(trustRoot=trust), config.connect_timeout, self.clock
         )
         self.agent = _ParsedOnceAgent.usingEndpointFactory(reactor, endpoints, pool=self.pool)
 

@@ -23,10 +23,18 @@ from twisted.web.iweb import IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from llmgw.devtls import make_ca
 from llmgw.mock import Behaviour
 from llmgw.record import Attempt, RequestRecord
 from llmgw.site import GatewayRequest
-from llmgw.upstream import EventStreamRelay, UpstreamClient, _ChunkedBodyDecoder, _QuietFactory
+from llmgw.tlsclient import SESSION_MATURITY
+from llmgw.upstream import (
+    EventStreamRelay,
+    UpstreamClient,
+    _ChunkedBodyDecoder,
+    _ModelServerEndpoints,
+    _QuietFactory,
+)
 from tests.loopback import (
     CHAT,
     JSON_HEADERS,
@@ -41,6 +49,7 @@ from tests.loopback import (
     start_gateway,
     start_upstream,
 )
+from tests.test_tlsclient import PythonTLSServerFactory, ping, policy, serve, server_context
 from tests.vllm_stand_in import (
     SERVED_MODEL,
     UNAVAILABLE,
@@ -407,6 +416,34 @@ class ParsedOnceTests(TestCase):
         for _ in range(2):
             with self.assertRaises(ValueError):
                 upstream.agent.request(b"GET", b"http://localhost:9/v1/\x00models")
+
+
+class SessionResumptionTests(TestCase):
+    """Each model server's TLS sessions are resumed, and offered to that origin alone."""
+
+    @inline
+    async def test_resumed_per_origin(self) -> None:
+        """
+        One server on two ports, with one set of ticket keys, would resume a session made on
+        either port on the other: the gateway offers each origin its own sessions only.
+        """
+        ca = make_ca()
+        server = PythonTLSServerFactory(server_context(self, ca))
+        first, second = serve(self, server), serve(self, server)
+        clock = Clock()
+        endpoints = _ModelServerEndpoints(reactor, policy(ca), 5.0, clock)
+
+        def endpoint(port: int) -> Any:
+            return endpoints.endpointForURI(URI.fromBytes(b"https://localhost:%d/v1" % port))
+
+        self.assertIs(endpoint(first), endpoint(first))
+        self.assertIsNone(await ping(endpoint(first)))
+        clock.advance(SESSION_MATURITY)
+        self.assertIsNone(await ping(endpoint(first)))
+        self.assertIsNone(await ping(endpoint(second)))
+        clock.advance(SESSION_MATURITY)
+        self.assertIsNone(await ping(endpoint(second)))
+        self.assertEqual(server.resumed, [False, True, False, True])
 
 
 class VLLMWebStackTests(TestCase):
