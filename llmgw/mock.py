@@ -43,7 +43,7 @@ from twisted.internet.interfaces import (
     ITCPTransport,
 )
 from twisted.internet.protocol import connectionDone
-from twisted.internet.ssl import PrivateCertificate
+from twisted.internet.ssl import CertificateOptions, PrivateCertificate
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
@@ -770,7 +770,14 @@ def _load_tls(cert_path: str, key_path: str) -> IOpenSSLContextFactory:
     except OSError as e:
         raise usage.UsageError(f"cannot read {e.filename}: {e.strerror}") from None
     try:
-        options = PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem).options()
+        certificate = PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem)
+        # Session tickets on, as vLLM's uvicorn (Python's ssl) has them:
+        # Twisted's default turns them off, and the gateway resumes sessions.
+        options = CertificateOptions(
+            privateKey=certificate.privateKey.original,
+            certificate=certificate.original,
+            enableSessionTickets=True,
+        )
         options.getContext()
     except Exception as e:
         raise usage.UsageError(

@@ -869,3 +869,22 @@ class ServiceTests(unittest.TestCase):
 
     def test_reset_over_a_socket(self) -> defer.Deferred[None]:
         return defer.Deferred.fromCoroutine(self._test_reset_over_a_socket())
+
+    def test_session_tickets_on(self) -> None:
+        """
+        Like vLLM's uvicorn, the stand-in issues TLS session tickets, so the
+        gateway's session resumption is exercised against it (Twisted's
+        default server options turn them off).
+        """
+        from OpenSSL import SSL
+
+        from llmgw.mock import _load_tls
+
+        ca = devtls.make_ca()
+        cert, key = devtls.issue_server_certificate(ca)
+        cert_path, key_path = Path(self.mktemp()), Path(self.mktemp())
+        cert_path.write_bytes(cert)
+        key_path.write_bytes(key)
+        context = _load_tls(str(cert_path), str(key_path)).getContext()
+        # set_options(0) changes nothing and returns the options in force.
+        self.assertEqual(context.set_options(0) & SSL.OP_NO_TICKET, 0)
