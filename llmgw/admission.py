@@ -48,6 +48,7 @@ from itertools import count
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols.basic import Int16StringReceiver
 from twisted.python.failure import Failure
@@ -103,18 +104,31 @@ class AdmissionDesk(Int16StringReceiver):
         self.rate_store = rate_store
 
     def stringReceived(self, frame: bytes) -> None:
+        """
+        Decide a question, or count a correction.  A frame that does not
+        parse is logged and dropped (a question that does is answered with
+        an error), so that one bad frame never closes the pipe: that would
+        leave the worker on its fallback until it restarts.
+        """
         kind, _, rest = frame.partition(b" ")
-        if kind == ASK:
-            number, deadline, key = rest.split(b" ", 2)
-            self._answer(number, key.decode("utf-8"), float(deadline))
-        elif kind == RECORD or kind == RELEASE:
-            at, key = rest.split(b" ", 1)
-            if kind == RECORD:
-                self.record_admission(key.decode("utf-8"), float(at))
+        try:
+            if kind == ASK:
+                number, deadline, key = rest.split(b" ", 2)
+                int(number)
+                try:
+                    who, when = key.decode("utf-8"), float(deadline)
+                except ValueError:  # UnicodeDecodeError is one too
+                    self._send(number + b" X malformed question")
+                    return
+                self._answer(number, who, when)
+            elif kind in (RECORD, RELEASE):
+                at, key = rest.split(b" ", 1)
+                correct = self.record_admission if kind == RECORD else self.release_admission
+                correct(key.decode("utf-8"), float(at))
             else:
-                self.release_admission(key.decode("utf-8"), float(at))
-        else:
-            log.error("A worker sent an admission frame of unknown kind {kind!r}", kind=kind)
+                raise ValueError(kind)
+        except ValueError:
+            log.error("A worker sent a malformed admission frame: {frame!r}", frame=frame)
 
     def _answer(self, number: bytes, key: str, deadline: float) -> None:
         try:
@@ -181,7 +195,8 @@ class AdmissionDesk(Int16StringReceiver):
             decision.reset,
         )
         if decision.allowed:
-            self._send(b"%s Y %s %s" % (number, figures, repr(admitted_at).encode()))
+            at = b"-" if admitted_at is None else repr(admitted_at).encode()
+            self._send(b"%s Y %s %s" % (number, figures, at))
         else:
             self._send(b"%s N %s" % (number, figures))
 
@@ -202,8 +217,23 @@ class AdmissionDesk(Int16StringReceiver):
     def _send(self, frame: bytes) -> None:
         self.sendString(frame)  # type: ignore[no-untyped-call]
 
-    def connectionLost(self, reason: Failure = ConnectionDone) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.transport = None
+
+
+def _parse_answer(kind: bytes, rest: bytes) -> Answer | Exception:
+    """The parent's answer, from what follows the question's number; raises if it is garbled."""
+    if kind == b"Y" or kind == b"N":
+        fields = rest.split(b" ")
+        limit, window, remaining, reset = map(int, fields[:4])
+        decision = Decision(kind == b"Y", limit, window, remaining, reset)
+        admitted_at = None if kind == b"N" or fields[4] == b"-" else float(fields[4])
+        return decision, admitted_at
+    if kind == b"E":
+        return AdmitExpired()
+    if kind == b"U":
+        return RateStoreUnavailable(rest.decode())
+    return ParentError(rest.decode("utf-8", "replace"))
 
 
 class AdmissionQuestions(Int16StringReceiver):
@@ -227,9 +257,12 @@ class AdmissionQuestions(Int16StringReceiver):
         if self.lost is not None or self.transport is None:
             return fail(self.lost or Failure(ConnectionDone("not connected to the parent")))
         number = next(self._numbers)
+        try:
+            self._send(b"%s %d %s %s" % (ASK, number, repr(deadline).encode(), key.encode("utf-8")))
+        except Exception:  # a key too long for a frame: the caller's fallback decides
+            return fail(Failure())
         waiting: Deferred[Answer] = Deferred()
         self._waiting[number] = waiting
-        self._send(b"A %d %s %s" % (number, repr(deadline).encode(), key.encode("utf-8")))
         return waiting
 
     def tell(self, kind: bytes, key: str, at: float) -> None:
@@ -238,28 +271,25 @@ class AdmissionQuestions(Int16StringReceiver):
             self._send(b"%s %s %s" % (kind, repr(at).encode(), key.encode("utf-8")))
 
     def stringReceived(self, frame: bytes) -> None:
-        number, kind, rest = [*frame.split(b" ", 2), b""][:3]
-        waiting = self._waiting.pop(int(number), None)
+        number, kind, rest = [*frame.split(b" ", 2), b"", b""][:3]
+        waiting = self._waiting.pop(int(number), None) if number.isdigit() else None
         if waiting is None:
             log.error("The parent answered an admission nobody asked: {frame!r}", frame=frame)
             return
-        if kind == b"Y" or kind == b"N":
-            allowed = kind == b"Y"
-            fields = rest.split(b" ")
-            limit, window, remaining, reset = map(int, fields[:4])
-            decision = Decision(allowed, limit, window, remaining, reset)
-            waiting.callback((decision, float(fields[4]) if allowed else None))
-        elif kind == b"E":
-            waiting.errback(AdmitExpired())
-        elif kind == b"U":
-            waiting.errback(RateStoreUnavailable(rest.decode()))
+        try:
+            answer = _parse_answer(kind, rest)
+        except (ValueError, IndexError):
+            waiting.errback(ParentError(f"malformed answer {frame!r}"))
+            return
+        if isinstance(answer, Exception):
+            waiting.errback(answer)
         else:
-            waiting.errback(ParentError(rest.decode("utf-8", "replace")))
+            waiting.callback(answer)
 
     def _send(self, frame: bytes) -> None:
         self.sendString(frame)  # type: ignore[no-untyped-call]
 
-    def connectionLost(self, reason: Failure = ConnectionDone) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.lost = reason
         waiting, self._waiting = self._waiting, {}
         for question in waiting.values():

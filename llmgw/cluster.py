@@ -183,7 +183,9 @@ class _ChildPipe:
         self.fd = fd
 
     def write(self, data: bytes) -> None:
-        self.process.writeToChild(self.fd, data)
+        # An answer can come (from Redis) after the worker closed its end.
+        if self.fd in self.process.pipes:
+            self.process.writeToChild(self.fd, data)
 
     def writeSequence(self, data: list[bytes]) -> None:
         self.process.writeToChild(self.fd, b"".join(data))

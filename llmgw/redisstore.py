@@ -127,8 +127,9 @@ class RateStoreUnavailable(Exception):
     """
     Redis cannot decide and C{--rate-store-fallback closed} refuses everyone.
 
-    The one argument is the Retry-After in seconds, as text, so that the
-    exception crosses AMP (which passes its C{str}) unchanged.
+    The one argument is the Retry-After in seconds, as text or a number: it
+    crosses the pipe from the parent to a worker as text
+    (L{llmgw.admission}).
     """
 
     def __init__(self, retry_after: int | str) -> None:

@@ -41,6 +41,12 @@ from zope.interface import implementer
 #: long finished its handshake and read its tickets on any healthy network.
 SESSION_MATURITY = 0.5
 
+#: Seconds a session, and the sessions resumed from it, are offered after the full handshake
+#: that verified the server's certificate chain.  A busy gateway would otherwise resume one
+#: chain of sessions for ever (each resumed TLS 1.3 handshake brings new tickets), and never
+#: check the chain, its trust root or its expiry again (RFC 8446, section 4.6.1, asks a limit).
+MAX_SESSION_LINEAGE = 3600.0
+
 #: Connections opened closer together than this are not all kept to take a session from: one
 #: in each such interval is enough, and it bounds what a burst of new connections keeps.
 _CANDIDATE_SPACING = SESSION_MATURITY / 16
@@ -76,34 +82,43 @@ class SessionResumingCreator:
         self._host_is_ip = isIPAddress(hostname) or isIPv6Address(hostname)
         self._clock = clock
         self._session: SSL.Session | None = None
-        self._candidates: deque[tuple[float, SSL.Connection]] = deque()
+        #: When the full handshake that verified the kept session's lineage was made.
+        self._session_verified_at = 0.0
+        #: (opened at, connection, when its session's lineage was verified)
+        self._candidates: deque[tuple[float, SSL.Connection, float]] = deque()
         self._verified_certificate: bytes | None = None
 
     def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
         connection: SSL.Connection = self._creator.clientConnectionForTLS(tlsProtocol)
         now = self._clock.seconds()
         self._take_newest_session(now)
-        if self._session is not None:
+        verified_at = now
+        if self._session is not None and now - self._session_verified_at < MAX_SESSION_LINEAGE:
             try:
                 connection.set_session(self._session)
-            except ValueError:
-                # Made under another context (pyOpenSSL refuses it): a full handshake, then.
+                verified_at = self._session_verified_at
+            except (ValueError, SSL.Error):
+                # Refused (made under another context, or OpenSSL would not take it): a
+                # full handshake, then, and never this session again.
                 self._session = None
         if not self._candidates or now - self._candidates[-1][0] >= _CANDIDATE_SPACING:
-            self._candidates.append((now, connection))
+            # If the server declines to resume, this connection's session is newer than
+            # verified_at says: erring on the side of checking again sooner.
+            self._candidates.append((now, connection, verified_at))
         return connection
 
     def _take_newest_session(self, now: float) -> None:
         """Take the session of the newest connection old enough to have all of it, if any."""
-        matured: list[SSL.Connection] = []
+        matured: list[tuple[float, SSL.Connection, float]] = []
         while self._candidates and now - self._candidates[0][0] >= SESSION_MATURITY:
-            matured.append(self._candidates.popleft()[1])
-        for connection in reversed(matured):
+            matured.append(self._candidates.popleft())
+        for _, connection, verified_at in reversed(matured):
             if connection.get_peer_finished() is None:
                 continue  # it never finished its handshake: refused, or still stuck
             session = connection.get_session()
             if session is not None and self._presents_identity(connection):
                 self._session = session
+                self._session_verified_at = verified_at
                 return
 
     def _presents_identity(self, connection: SSL.Connection) -> bool:
@@ -118,7 +133,7 @@ class SessionResumingCreator:
         It is made once for each certificate the server presents.
         """
         certificate = connection.get_peer_certificate()
-        if certificate is None:
+        if certificate is None or certificate.has_expired():
             return False
         digest = certificate.digest("sha256")
         if digest == self._verified_certificate:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import treq
 from OpenSSL import SSL
@@ -420,15 +420,10 @@ class _ParsedOnceAgent(Agent):
     #: More distinct URLs than a configuration can make; past it, no more are kept.
     MAX_TARGETS = 256
 
-    @classmethod
-    def usingEndpointFactory(
-        cls, reactor: Any, endpointFactory: Any, pool: Any = None
-    ) -> _ParsedOnceAgent:
-        agent = super().usingEndpointFactory(  # type: ignore[no-untyped-call]
-            reactor, endpointFactory, pool
-        )
-        agent._targets = {}
-        return cast(_ParsedOnceAgent, agent)
+    def _init(self, reactor: Any, endpointFactory: Any, pool: Any) -> None:
+        # Both of Agent's constructors (__init__ and usingEndpointFactory) end here.
+        super()._init(reactor, endpointFactory, pool)  # type: ignore[no-untyped-call]
+        self._targets = {}
 
     def request(
         self,
@@ -497,7 +492,9 @@ class UpstreamClient:
         endpoints = _ModelServerEndpoints(
             reactor, BrowserLikePolicyForHTTPS(trustRoot=trust), config.connect_timeout, self.clock
         )
-        self.agent = _ParsedOnceAgent.usingEndpointFactory(reactor, endpoints, pool=self.pool)
+        self.agent: _ParsedOnceAgent = _ParsedOnceAgent.usingEndpointFactory(  # type: ignore[no-untyped-call]
+            reactor, endpoints, pool=self.pool
+        )
 
     def send(
         self,
@@ -694,7 +691,7 @@ class EventStreamRelay(Protocol):
             self.on_chunk(data)
         request = self.request
         write_chunk = self._write_chunk
-        if write_chunk is not None and data and not request._disconnected:
+        if write_chunk is not None and data and not request._disconnected and not request.finished:
             request.sentLength += len(data)
             write_chunk(b"%x\r\n%b\r\n" % (len(data), data))
         else:

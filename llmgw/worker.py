@@ -86,9 +86,9 @@ class RemoteLimiter:
     question is what shows the parent is back.  The parent's count stays what
     was served: each question carries the time the worker stops waiting, after
     which the parent does not record it; what the fallback admits is reported
-    with its time (L{RecordAdmission}); and an admission the parent recorded
-    for a question the worker had just given up on is released
-    (L{ReleaseAdmission}).  The pipe to the parent is in order, so all of that
+    with its time (L{llmgw.admission.RECORD}); and an admission the parent
+    recorded for a question the worker had just given up on is released
+    (L{llmgw.admission.RELEASE}).  The pipe to the parent is in order, so all of that
     is counted before the parent's next decision for this worker.
     """
 

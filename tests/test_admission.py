@@ -286,3 +286,40 @@ class PipeTests(SynchronousTestCase):
 
         d.callback(Admission(Decision(True, 2, 60, 0, 60), 100.0))
         self.assertEqual(self.wire.server_transport.value(), b"")
+
+
+class MalformedFrameTests(SynchronousTestCase):
+    """One bad frame never closes the pipe: that would leave the worker on its fallback."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.shared = SlidingWindowLimiter(2, 60, self.clock)
+        self.desk = AdmissionDesk(self.shared)
+        self.questions = AdmissionQuestions()
+        self.wire = Wire(self.desk, self.questions)
+
+    def test_parent_drops_bad_frames_and_answers_the_next(self) -> None:
+        for frame in (b"A x y", b"A 7", b"A 3 soon c", b"R never c", b"Q what", b"L"):
+            self.desk.stringReceived(frame)
+        self.assertEqual(frames(self.wire.server_transport.value()), [b"3 X malformed question"])
+        self.assertFalse(self.wire.server_transport.disconnecting)
+        answer = results(self.questions.ask("c", 1.0))
+        self.wire.server_transport.clear()
+        self.wire.pump()
+        self.assertEqual(answer, [(Decision(True, 2, 60, 1, 60), 0.0)])
+        self.assertEqual(len(self.shared), 1)
+
+    def test_worker_fails_only_the_garbled_answer(self) -> None:
+        garbled = results(self.questions.ask("c", 1.0))
+        good = results(self.questions.ask("c", 1.0))
+        self.questions.stringReceived(b"0 Y 2 60 1 sixty 0.0")
+        self.questions.stringReceived(b"x Y")
+        self.questions.stringReceived(b"1 Y 2 60 1 60 -")
+        self.assertIsInstance(garbled[0].value, ParentError)
+        self.assertEqual(good, [(Decision(True, 2, 60, 1, 60), None)])
+
+    def test_key_too_long_for_a_frame_fails_at_once(self) -> None:
+        answer = results(self.questions.ask("k" * 70_000, 1.0))
+        self.assertEqual(len(answer), 1)
+        self.assertEqual(self.wire.client_transport.value(), b"")
+        self.assertEqual(self.questions._waiting, {})

@@ -27,7 +27,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import BrowserLikePolicyForHTTPS
 
 from llmgw.devtls import CertificateAuthority, issue_server_certificate, make_ca
-from llmgw.tlsclient import SESSION_MATURITY, SessionResumingCreator
+from llmgw.tlsclient import MAX_SESSION_LINEAGE, SESSION_MATURITY, SessionResumingCreator
 from tests.loopback import inline, port_of, reactor
 
 
@@ -155,6 +155,17 @@ def tls_endpoint(creator: SessionResumingCreator, port: int) -> Any:
     return wrapClientTLS(creator, HostnameEndpoint(reactor, "localhost", port))
 
 
+def tls13_origin(
+    test: TestCase,
+) -> tuple[CertificateAuthority, PythonTLSServerFactory, Clock, Any]:
+    """A TLS 1.3 server, and an endpoint to it through a resuming creator on a fake clock."""
+    ca = make_ca()
+    server = PythonTLSServerFactory(server_context(test, ca))
+    port = serve(test, server)
+    clock = Clock()
+    return ca, server, clock, tls_endpoint(resuming_creator(ca, port, clock), port)
+
+
 class ResumptionTests(TestCase):
     async def _resumes(self, tls12: bool) -> None:
         ca = make_ca()
@@ -183,11 +194,7 @@ class ResumptionTests(TestCase):
         A connection's session is offered only once it is old enough to hold its TLS 1.3
         tickets (sent after the handshake): one taken at once cannot be resumed.
         """
-        ca = make_ca()
-        server = PythonTLSServerFactory(server_context(self, ca))
-        port = serve(self, server)
-        clock = Clock()
-        endpoint = tls_endpoint(resuming_creator(ca, port, clock), port)
+        _ca, server, clock, endpoint = tls13_origin(self)
         self.assertIsNone(await ping(endpoint))
         clock.advance(SESSION_MATURITY / 2)
         self.assertIsNone(await ping(endpoint))
@@ -201,11 +208,7 @@ class ResumptionTests(TestCase):
         A server that has forgotten an old session (here: a new context, so new ticket keys)
         resumes the newer one that the client takes from its latest connection.
         """
-        ca = make_ca()
-        server = PythonTLSServerFactory(server_context(self, ca))
-        port = serve(self, server)
-        clock = Clock()
-        endpoint = tls_endpoint(resuming_creator(ca, port, clock), port)
+        ca, server, clock, endpoint = tls13_origin(self)
         self.assertIsNone(await ping(endpoint))
         clock.advance(SESSION_MATURITY)
         server.context = server_context(self, ca)
@@ -213,6 +216,24 @@ class ResumptionTests(TestCase):
         clock.advance(SESSION_MATURITY)
         self.assertIsNone(await ping(endpoint))
         self.assertEqual(server.resumed, [False, False, True])
+
+    @inline
+    async def test_lineage_verified_again_after_an_hour(self) -> None:
+        """
+        Sessions resumed from sessions keep being offered for MAX_SESSION_LINEAGE after the
+        full handshake that verified the chain; then a full handshake checks it again, and
+        its session starts a new lineage.
+        """
+        _ca, server, clock, endpoint = tls13_origin(self)
+        self.assertIsNone(await ping(endpoint))
+        for _ in range(3):
+            clock.advance(MAX_SESSION_LINEAGE / 3 - 1)
+            self.assertIsNone(await ping(endpoint))
+        clock.advance(3)  # an hour after the full handshake
+        self.assertIsNone(await ping(endpoint))
+        clock.advance(SESSION_MATURITY)
+        self.assertIsNone(await ping(endpoint))
+        self.assertEqual(server.resumed, [False, True, True, True, False, True])
 
 
 class VerificationTests(TestCase):
@@ -257,11 +278,7 @@ class VerificationTests(TestCase):
         A session is offered again, but a server that does not take it (here: new ticket keys,
         and a certificate for another host) gets a full handshake, checked as ever.
         """
-        ca = make_ca()
-        server = PythonTLSServerFactory(server_context(self, ca))
-        port = serve(self, server)
-        clock = Clock()
-        endpoint = tls_endpoint(resuming_creator(ca, port, clock), port)
+        ca, server, clock, endpoint = tls13_origin(self)
         self.assertIsNone(await ping(endpoint))
         clock.advance(SESSION_MATURITY)
         self.assertIsNone(await ping(endpoint))

@@ -163,7 +163,7 @@ class StalledParentLimiterTests(SynchronousTestCase):
         self.assertEqual(stall.allowed(), [True])
         parent = stall.wire.server
         assert isinstance(parent, AdmissionDesk)
-        parent.limiter = None  # it answers NO_LIMITER
+        parent.limiter = None  # it answers an error: rate limiting is off
         stall.wire.pump()
         stall.ask()
         self.assertEqual(stall.allowed(), [True], "decided by the fallback, not asked")
