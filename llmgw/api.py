@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable
 from io import BytesIO
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
@@ -40,6 +40,7 @@ from llmgw.validation import validate_chat
 log = Logger()
 
 Handler = Callable[[Request], Awaitable[None]]
+T = TypeVar("T")
 
 _JSON = b"application/json"
 _EVENT_STREAM = b"text/event-stream"
@@ -78,9 +79,27 @@ def _media_type(request: Request) -> bytes:
     return value.split(b";", 1)[0].strip().lower()
 
 
-def _on_disconnect(request: Request, action: Callable[[], object]) -> None:
-    """Run C{action} if the client goes away before its response is finished."""
-    request.notifyFinish().addErrback(lambda _: action())
+def _on_disconnect(request: Request, action: Callable[[], object]) -> Deferred[None]:
+    """
+    Run C{action} if the client goes away before its response is finished.
+
+    @return: the request's notification, for L{_forget_disconnect}.
+    """
+    gone: Deferred[None] = request.notifyFinish()
+    gone.addErrback(lambda _: action())
+    return gone
+
+
+def _forget_disconnect(result: T, request: Request, gone: Deferred[None]) -> T:
+    """
+    Drop a notification of L{_on_disconnect} whose action has no more to do.
+
+    A stream's request lives as long as the stream: what it is to notify
+    (and all the notification holds) would otherwise live as long too.
+    """
+    if gone in request.notifications:
+        request.notifications.remove(gone)
+    return result
 
 
 class _Discard(Protocol):
@@ -228,8 +247,8 @@ class GatewayResource(Resource):
         d = self.upstream.send(
             method, path, body, self._authorization(request), deadline, origin, request_id
         )
-        _on_disconnect(request, d.cancel)
-        return d
+        # Once the reply's headers are in, there is nothing left to cancel here.
+        return d.addBoth(_forget_disconnect, request, _on_disconnect(request, d.cancel))
 
     async def _forward(
         self,
@@ -326,6 +345,8 @@ class GatewayResource(Resource):
                 default_model=self.config.default_model,
                 allowed_fields=self.config.allowed_fields,
             )
+            # Only chat.body is sent: a stream need not keep the client's buffer.
+            request.content = None
         except ApiError:
             record = _record(request)
             if record is not None and record.rejected is None:
@@ -343,9 +364,12 @@ class GatewayResource(Resource):
         response, lease = await self._forward(
             request, b"POST", b"/v1/chat/completions", chat.body, chat.model, started
         )
+        # Nothing is resent once a reply is in: a stream keeps neither the body nor its verdict.
+        stream = chat.stream
+        del chat, admission
         try:
             content_type = response.headers.getRawHeaders(b"content-type", [b""])[0]
-            if chat.stream and response.code == 200 and content_type.startswith(_EVENT_STREAM):
+            if stream and response.code == 200 and content_type.startswith(_EVENT_STREAM):
                 await self._relay_stream(request, response)
             else:
                 await self._relay_json(request, response, self._time_left(started))

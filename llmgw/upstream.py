@@ -115,7 +115,19 @@ class _ChunkedBodyDecoder:
     a shorter path.  And once the response has a protocol for its body, the
     pieces go straight to it: C{Response} would otherwise look its own state
     up by name for every piece, only to pass it on to the same protocol.
+
+    It lives as long as a stream, so it has slots rather than a dictionary.
     """
+
+    __slots__ = (
+        "_deliver",
+        "_finish",
+        "_left",
+        "_pending",
+        "_response",
+        "_state",
+        "_trailer_bytes",
+    )
 
     def __init__(
         self, dataCallback: Callable[[bytes], None], finishCallback: Callable[[bytes], None]
@@ -335,11 +347,25 @@ class _UpstreamPool(HTTPConnectionPool):
 
 @implementer(IBodyProducer)
 class _BytesProducer:
-    """A body already in memory, written at once (treq's producer waits a cooperator turn)."""
+    """
+    A body already in memory, written at once (treq's producer waits a cooperator turn).
+
+    Twisted's client keeps the request, and so its producer, until the reply
+    has been read to its end, which for a stream is its whole life; but once
+    the reply's headers are in, the request can no longer be resent
+    (L{_ResendOnStaleConnection}), so L{replied} lets the body go then.
+    """
+
+    __slots__ = ("body", "length")
 
     def __init__(self, body: bytes) -> None:
         self.body = body
         self.length = len(body)
+
+    def replied(self, response: T) -> T:
+        """The reply's headers arrived: the body will not be written again."""
+        self.body = b""
+        return response
 
     def startProducing(self, consumer: Any) -> Deferred[None]:
         consumer.write(self.body)
@@ -528,6 +554,8 @@ class UpstreamClient:
         producer = None if body is None else _BytesProducer(body)
         url = (self.base if origin is None else origin) + path
         d: Deferred[Any] = self.agent.request(method, url, headers, producer)
+        if producer is not None:
+            d.addCallback(producer.replied)
         replica = origin.decode() if origin is not None and self.config.upstreams else None
         return _with_deadline(
             self.clock,
