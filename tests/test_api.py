@@ -7,9 +7,11 @@ import json
 import socket
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from llmgw.devtls import make_ca
@@ -849,3 +851,50 @@ class RecordTests(TestCase):
         [record] = gateway.records
         self.assertEqual((record.prompt_tokens, record.completion_tokens), (None, None))
         self.assertIsNotNone(record.ttft)
+
+
+class _HeldUpstream:
+    """An upstream client whose replies the test gives."""
+
+    def __init__(self) -> None:
+        self.replies: list[Deferred[Any]] = []
+
+    def send(self, *args: Any) -> Deferred[Any]:
+        self.replies.append(Deferred())
+        return self.replies[-1]
+
+
+class DisconnectHookTests(TestCase):
+    """What a request keeps to cancel its upstream request if the client goes away."""
+
+    def setUp(self) -> None:
+        from twisted.web.test.requesthelper import DummyChannel
+
+        from llmgw.api import GatewayResource
+        from llmgw.logs import RequestLog
+        from llmgw.site import GatewayRequest
+
+        clock = Clock()
+        self.upstream = _HeldUpstream()
+        self.resource = GatewayResource(
+            gateway_config(),
+            self.upstream,  # type: ignore[arg-type]
+            clock,
+            RequestLog(clock, verbose=False, colour=False),
+        )
+        self.request = GatewayRequest(DummyChannel())
+
+    def test_cancels_while_waiting(self) -> None:
+        """Before the reply's headers: a client that leaves cancels the upstream request."""
+        sent = self.resource._send(self.request, b"POST", b"/", b"{}", 10.0)
+        self.assertEqual(len(self.request.notifications), 1)
+        self.request.connectionLost(Failure(ConnectionDone()))
+        self.failureResultOf(sent, CancelledError)
+
+    def test_let_go_once_replied(self) -> None:
+        """After: nothing is left to cancel, and a stream does not keep the hook."""
+        sent = self.resource._send(self.request, b"POST", b"/", b"{}", 10.0)
+        response = object()
+        self.upstream.replies[0].callback(response)
+        self.assertIs(self.successResultOf(sent), response)
+        self.assertEqual(self.request.notifications, [])

@@ -990,3 +990,40 @@ class StreamFramingTests(TestCase):
         self.assertEqual((record.status, record.stream_abort), (200, None))
         self.assertEqual((record.prompt_tokens, record.completion_tokens), (12, 7))
         self.assertEqual(record.bytes_out, len(EVENT + usage) + len(b"data: [DONE]\n\n"))
+
+
+class _HeldAgent:
+    """An agent that keeps each request's body producer, and answers when told."""
+
+    def __init__(self) -> None:
+        self.producers: list[Any] = []
+        self.replies: list[Deferred[Any]] = []
+
+    def request(self, method: bytes, uri: bytes, headers: Any, producer: Any) -> Deferred[Any]:
+        self.producers.append(producer)
+        self.replies.append(Deferred())
+        return self.replies[-1]
+
+
+class BodyKeptTests(SynchronousTestCase):
+    """A request's body is kept for a resend until the reply's headers arrive, and no longer."""
+
+    def setUp(self) -> None:
+        self.client = UpstreamClient(task.Clock(), gateway_config(aischeme="http"))
+        self.agent = _HeldAgent()
+        self.client.agent = self.agent  # type: ignore[assignment]
+
+    def test_kept_until_the_reply(self) -> None:
+        """Until the headers arrive the body may be written again (a stale connection)."""
+        self.client.send(b"POST", CHAT, b'{"x":1}', None, 10.0)
+        [producer] = self.agent.producers
+        self.assertEqual((producer.body, producer.length), (b'{"x":1}', 7))
+
+    def test_let_go_once_replied(self) -> None:
+        """A stream lives long after its headers: its request body is not kept with it."""
+        sent = self.client.send(b"POST", CHAT, b'{"x":1}', None, 10.0)
+        response = object()
+        self.agent.replies[0].callback(response)
+        self.assertIs(self.successResultOf(sent), response)
+        [producer] = self.agent.producers
+        self.assertEqual((producer.body, producer.length), (b"", 7))
