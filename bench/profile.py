@@ -5,6 +5,8 @@ Where a gateway worker's time goes, under the same load as `make bench`.
     .venv/bin/pip install py-spy            # a bench tool, not a dependency
     .venv/bin/python bench/profile.py http  # wrk, 50 connections, non-streamed
     .venv/bin/python bench/profile.py stream  # 500 paced streams, as test (i)
+    .venv/bin/python bench/profile.py stream --conns 200 --chunks 256 --interval-ms 50
+                                            # unsaturated long streams, as test (iii)
 
 Starts the stand-ins and the gateway exactly as bench/run.py does, samples one
 worker and the parent with py-spy while the load runs, and prints the
@@ -91,7 +93,9 @@ def main() -> int:
     )
     p.add_argument("load", choices=("http", "stream"))
     p.add_argument("--seconds", type=float, default=12.0)
-    p.add_argument("--conns", type=int, default=50)
+    p.add_argument("--conns", type=int, help="connections (http: 50; stream: 500)")
+    p.add_argument("--chunks", type=int, default=64, help="events a stream (stream)")
+    p.add_argument("--interval-ms", type=float, default=20.0, help="between events (stream)")
     p.add_argument("--rate", type=int, default=200)
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--rate-limit", type=int, default=100_000_000)
@@ -136,8 +140,8 @@ def main() -> int:
                         str(upstream),
                         str(tls / "server.pem"),
                         str(tls / "server.key"),
-                        "64",
-                        "20",
+                        str(args.chunks),
+                        f"{args.interval_ms:g}",
                     ],
                 )
                 run.wait_for_port(upstream, source, processes)
@@ -159,20 +163,21 @@ def main() -> int:
             def load() -> None:
                 if args.load == "http":
                     load_result.update(
-                        run.run_wrk(gateway, args.conns, args.seconds + 2, processes)
+                        run.run_wrk(gateway, args.conns or 50, args.seconds + 2, processes)
                     )
                 else:
                     port = int(gateway.url.rsplit(":", 1)[1].split("/", 1)[0])
-                    rounds = max(1, int(args.seconds / 1.26) + 2)
+                    one_stream = args.chunks * args.interval_ms / 1000
+                    rounds = max(1, int(args.seconds / one_stream) + 2)
                     load_result.update(
                         run.run_streams(
                             sse,
                             port,
                             tls=False,
-                            conns=500,
+                            conns=args.conns or 500,
                             streams=rounds,
-                            chunks=64,
-                            interval_ms=20.0,
+                            chunks=args.chunks,
+                            interval_ms=args.interval_ms,
                             ramp=1.0,
                         )
                     )
