@@ -26,6 +26,9 @@ from llmgw.validation import RECONFIGURING_FIELDS
 COMMAND = "llmgw"
 
 DEFAULT_MODEL = "TheBloke/Mistral-7B-Instruct-v0.2-AWQ"
+
+#: A placeholder for the user's model server: tests and demos always replace it.
+DEFAULT_AIHOST = "10.0.0.1"
 MIB = 1024 * 1024
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -37,7 +40,7 @@ class Config:
 
     bindip: str = "127.0.0.1"
     bindport: int = 42069
-    aihost: str = "10.0.0.1"
+    aihost: str = DEFAULT_AIHOST
     aihostport: int = 443
     aischeme: str = "https"
     aica: str | None = None
@@ -340,7 +343,7 @@ class Options(usage.Options):
     optParameters: ClassVar[list[list[Any]]] = [
         ["bindip", None, "127.0.0.1", "Address to listen on."],
         ["bindport", None, 42069, "Port to listen on.", _port],
-        ["aihost", None, None, "Model server host name or address [default: 10.0.0.1]."],
+        ["aihost", None, None, f"Model server host name or address [default: {DEFAULT_AIHOST}]."],
         ["aihostport", None, None, "Model server port [default: 443].", _port],
         ["aischeme", None, None, "Model server scheme: https or http [default: https]."],
         [

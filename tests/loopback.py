@@ -125,7 +125,7 @@ def start_upstream(
 
 
 def gateway_config(upstream: Upstream | None = None, **overrides: Any) -> Config:
-    """A configuration aimed at a loopback upstream (never the 10.0.0.1 default)."""
+    """A configuration aimed at a loopback upstream (never the default: a deployment's)."""
     if upstream is not None:
         overrides = {"aihostport": upstream.port, "aica": upstream.ca_file, **overrides}
     return Config(**{"aihost": "localhost", "aihostport": 9, **overrides})

@@ -18,7 +18,7 @@ from twisted.scripts._twistd_unix import ServerOptions
 from twisted.trial.unittest import SynchronousTestCase
 
 from llmgw.devtls import make_ca
-from llmgw.options import Config, Options
+from llmgw.options import DEFAULT_AIHOST, Config, Options
 
 MIB = 1024 * 1024
 
@@ -41,7 +41,7 @@ class DefaultsTests(SynchronousTestCase):
             Config(
                 bindip="127.0.0.1",
                 bindport=42069,
-                aihost="10.0.0.1",
+                aihost=DEFAULT_AIHOST,
                 aihostport=443,
                 aischeme="https",
                 aica=None,
@@ -72,7 +72,7 @@ class DefaultsTests(SynchronousTestCase):
         expected: dict[str, object] = {
             "bindip": "127.0.0.1",
             "bindport": 42069,
-            "aihost": "10.0.0.1",
+            "aihost": DEFAULT_AIHOST,
             "aihostport": 443,
             "aischeme": "https",
             "aica": None,
@@ -107,7 +107,12 @@ class DefaultsTests(SynchronousTestCase):
 
     def test_help_shows_defaults(self) -> None:
         text = str(Options())
-        for default in ("42069", "10.0.0.1", "TheBloke/Mistral-7B-Instruct-v0.2-AWQ", "4194304"):
+        for default in (
+            "42069",
+            DEFAULT_AIHOST,
+            "TheBloke/Mistral-7B-Instruct-v0.2-AWQ",
+            "4194304",
+        ):
             self.assertIn(default, text)
 
 
@@ -576,7 +581,7 @@ class UpstreamBaseTests(SynchronousTestCase):
     """L{Config.upstream_base} is the origin requests are sent to."""
 
     def test_default(self) -> None:
-        self.assertEqual(Config().upstream_base, b"https://10.0.0.1:443")
+        self.assertEqual(Config().upstream_base, b"https://%s:443" % DEFAULT_AIHOST.encode())
 
     def test_ipv4(self) -> None:
         config = Config(aihost="192.0.2.10", aihostport=8000, aischeme="http")
@@ -592,8 +597,8 @@ class UpstreamBaseTests(SynchronousTestCase):
         self.assertEqual(config.upstream_base, b"http://[2001:db8::5]:8000")
 
     def test_from_options(self) -> None:
-        config = parse("--aihost", "fd00::1", "--aihostport", "9000", "--aischeme", "HTTP")
-        self.assertEqual(config.upstream_base, b"http://[fd00::1]:9000")
+        config = parse("--aihost", "::1", "--aihostport", "9000", "--aischeme", "HTTP")
+        self.assertEqual(config.upstream_base, b"http://[::1]:9000")
 
 
 class CaDirectoryTests(SynchronousTestCase):
@@ -746,8 +751,8 @@ class OriginsTests(SynchronousTestCase):
     """L{Config.origins}: every model server, whichever way they were named."""
 
     def test_default(self) -> None:
-        self.assertEqual(Config().origins, ("https://10.0.0.1:443",))
-        self.assertEqual(parse().origins, ("https://10.0.0.1:443",))
+        self.assertEqual(Config().origins, (f"https://{DEFAULT_AIHOST}:443",))
+        self.assertEqual(parse().origins, (f"https://{DEFAULT_AIHOST}:443",))
 
     def test_aihost(self) -> None:
         config = parse("--aihost", "192.0.2.20", "--aihostport", "8000", "--aischeme", "http")
@@ -884,7 +889,7 @@ class UpstreamCombinedTests(SynchronousTestCase):
                 "--aischeme", "https",
                 "--upstream", A_REPLICA,
                 "--aihostport", "443",
-                "--aihost", "10.0.0.1",
+                "--aihost", "127.0.0.2",
             ),
             f"--upstream replaces --aihost, --aihostport, --aischeme: {COMBINED}",
         )  # fmt: skip
@@ -892,7 +897,7 @@ class UpstreamCombinedTests(SynchronousTestCase):
     def test_default_values_named(self) -> None:
         """Naming a default is still naming it: the user meant two things."""
         self.assertEqual(
-            refusal(self, "--aihost", "10.0.0.1", "--upstream", A_REPLICA),
+            refusal(self, "--aihost", DEFAULT_AIHOST, "--upstream", A_REPLICA),
             f"--upstream replaces --aihost: {COMBINED}",
         )
 
