@@ -86,7 +86,14 @@ class ParentError(Exception):
 Answer = tuple[Decision, "float | None"]
 
 
-class AdmissionDesk(Int16StringReceiver):
+class _Frames(Int16StringReceiver):
+    """One end of the pipe: frames of a 16-bit length and the bytes."""
+
+    def _send(self, frame: bytes) -> None:
+        self.sendString(frame)  # type: ignore[no-untyped-call]
+
+
+class AdmissionDesk(_Frames):
     """
     The parent's end of one worker's pipe: it decides each question in the
     order it arrives, by the gateway's one limiter or its rate store.
@@ -214,9 +221,6 @@ class AdmissionDesk(Int16StringReceiver):
             message = failure.getErrorMessage().encode("utf-8", "replace")
             self._send(b"%s X %s" % (number, message[:1000]))
 
-    def _send(self, frame: bytes) -> None:
-        self.sendString(frame)  # type: ignore[no-untyped-call]
-
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.transport = None
 
@@ -236,7 +240,7 @@ def _parse_answer(kind: bytes, rest: bytes) -> Answer | Exception:
     return ParentError(rest.decode("utf-8", "replace"))
 
 
-class AdmissionQuestions(Int16StringReceiver):
+class AdmissionQuestions(_Frames):
     """
     A worker's end of the pipe: it numbers its questions and matches each
     answer to its question.
@@ -285,9 +289,6 @@ class AdmissionQuestions(Int16StringReceiver):
             waiting.errback(answer)
         else:
             waiting.callback(answer)
-
-    def _send(self, frame: bytes) -> None:
-        self.sendString(frame)  # type: ignore[no-untyped-call]
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.lost = reason

@@ -155,12 +155,15 @@ def tls_endpoint(creator: SessionResumingCreator, port: int) -> Any:
     return wrapClientTLS(creator, HostnameEndpoint(reactor, "localhost", port))
 
 
-def tls13_origin(
-    test: TestCase,
+def origin(
+    test: TestCase, **context: Any
 ) -> tuple[CertificateAuthority, PythonTLSServerFactory, Clock, Any]:
-    """A TLS 1.3 server, and an endpoint to it through a resuming creator on a fake clock."""
+    """
+    A server (TLS 1.3 unless C{tls12=True}; C{context} goes to L{server_context}), and an
+    endpoint to it through a resuming creator on a fake clock.
+    """
     ca = make_ca()
-    server = PythonTLSServerFactory(server_context(test, ca))
+    server = PythonTLSServerFactory(server_context(test, ca, **context))
     port = serve(test, server)
     clock = Clock()
     return ca, server, clock, tls_endpoint(resuming_creator(ca, port, clock), port)
@@ -168,11 +171,7 @@ def tls13_origin(
 
 class ResumptionTests(TestCase):
     async def _resumes(self, tls12: bool) -> None:
-        ca = make_ca()
-        server = PythonTLSServerFactory(server_context(self, ca, tls12=tls12))
-        port = serve(self, server)
-        clock = Clock()
-        endpoint = tls_endpoint(resuming_creator(ca, port, clock), port)
+        _ca, server, clock, endpoint = origin(self, tls12=tls12)
         self.assertIsNone(await ping(endpoint))
         clock.advance(SESSION_MATURITY)
         self.assertIsNone(await ping(endpoint))
@@ -194,7 +193,7 @@ class ResumptionTests(TestCase):
         A connection's session is offered only once it is old enough to hold its TLS 1.3
         tickets (sent after the handshake): one taken at once cannot be resumed.
         """
-        _ca, server, clock, endpoint = tls13_origin(self)
+        _ca, server, clock, endpoint = origin(self)
         self.assertIsNone(await ping(endpoint))
         clock.advance(SESSION_MATURITY / 2)
         self.assertIsNone(await ping(endpoint))
@@ -208,7 +207,7 @@ class ResumptionTests(TestCase):
         A server that has forgotten an old session (here: a new context, so new ticket keys)
         resumes the newer one that the client takes from its latest connection.
         """
-        ca, server, clock, endpoint = tls13_origin(self)
+        ca, server, clock, endpoint = origin(self)
         self.assertIsNone(await ping(endpoint))
         clock.advance(SESSION_MATURITY)
         server.context = server_context(self, ca)
@@ -224,7 +223,7 @@ class ResumptionTests(TestCase):
         full handshake that verified the chain; then a full handshake checks it again, and
         its session starts a new lineage.
         """
-        _ca, server, clock, endpoint = tls13_origin(self)
+        _ca, server, clock, endpoint = origin(self)
         self.assertIsNone(await ping(endpoint))
         for _ in range(3):
             clock.advance(MAX_SESSION_LINEAGE / 3 - 1)
@@ -245,12 +244,7 @@ class VerificationTests(TestCase):
         self.flushLoggedErrors(SSL.Error, VerificationError)
 
     async def _wrong_host_refused(self, tls12: bool) -> None:
-        ca = make_ca()
-        context = server_context(self, ca, hostnames=("wrong.example",), tls12=tls12)
-        server = PythonTLSServerFactory(context)
-        port = serve(self, server)
-        clock = Clock()
-        endpoint = tls_endpoint(resuming_creator(ca, port, clock), port)
+        _ca, server, clock, endpoint = origin(self, hostnames=("wrong.example",), tls12=tls12)
         self.assertRefused(await ping(endpoint))
         clock.advance(SESSION_MATURITY)
         self.assertRefused(await ping(endpoint))
@@ -278,7 +272,7 @@ class VerificationTests(TestCase):
         A session is offered again, but a server that does not take it (here: new ticket keys,
         and a certificate for another host) gets a full handshake, checked as ever.
         """
-        ca, server, clock, endpoint = tls13_origin(self)
+        ca, server, clock, endpoint = origin(self)
         self.assertIsNone(await ping(endpoint))
         clock.advance(SESSION_MATURITY)
         self.assertIsNone(await ping(endpoint))
