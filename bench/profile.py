@@ -51,6 +51,43 @@ IDLE_LEAVES = ("EPollReactor.doPoll (epollreactor.py:227)",)
 IDLE_THREAD = "ThreadWorker.__init__.<locals>.work"
 
 
+#: Where a sample's own time was, by the file of its innermost frame: the first
+#: layer whose patterns match it wins; the rest is "other".
+LAYERS = (
+    ("llmgw's own code", ("llmgw/",)),
+    ("send and recv system calls", ("untilConcludes", "tcp.py:278)", "writeToFD", "readFromFD")),
+    ("TLS (pyOpenSSL and Twisted's TLS)", ("OpenSSL/", "protocols/tls.py", "_newtls.py")),
+    ("Twisted's HTTP client", ("web/_newclient.py", "web/client.py", "treq/")),
+    ("Twisted's HTTP server", ("web/http.py", "web/server.py")),
+    ("headers", ("http_headers.py",)),
+    ("Deferreds and coroutines", ("internet/defer.py",)),
+    ("JSON", ("json/",)),
+    ("frames (IntNStringReceiver, LineReceiver) and pipes", ("basic.py", "process.py", "stdio")),
+    (
+        "the reactor, its logging context, timers",
+        ("base.py", "epollreactor.py", "posixbase.py", "log.py", "context.py", "abstract.py"),
+    ),
+)
+
+
+def by_layer(path: Path) -> None:
+    """Print the busy samples' own time by L{LAYERS}."""
+    shares: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        leaf = stack.split(";")[-1]
+        short = leaf.split(" (")[0] + " (" + leaf.split(" (")[-1].split("/")[-1]
+        if short in IDLE_LEAVES or (IDLE_THREAD in stack and ("wait" in leaf or "get" in leaf)):
+            continue
+        total += int(count)
+        layer = next((name for name, marks in LAYERS if any(m in leaf for m in marks)), "other")
+        shares[layer] += int(count)
+    print("-- own time by layer")
+    for layer, n in shares.most_common():
+        print(f"{n / max(total, 1):6.1%}  {layer}")
+
+
 def summarise(path: Path, title: str, top: int, focus: list[str] = ()) -> None:  # type: ignore[assignment]
     total = idle = 0
     own: collections.Counter[str] = collections.Counter()
@@ -106,6 +143,7 @@ def main() -> int:
         default=[],
         help="also report the share of stacks through this function",
     )
+    p.add_argument("--layers", action="store_true", help="also report own time by layer")
     args = p.parse_args()
     run.ensure_tools()
     run.raise_file_limit()
@@ -204,6 +242,8 @@ def main() -> int:
             )
             print({k: load_result[k] for k in keys if k in load_result})
             summarise(workdir / "worker.raw", f"worker {worker}", args.top, args.focus)
+            if args.layers:
+                by_layer(workdir / "worker.raw")
             summarise(workdir / "parent.raw", f"parent {gateway.process.pid}", args.top, args.focus)
             if args.keep:
                 args.keep.mkdir(parents=True, exist_ok=True)

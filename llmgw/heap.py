@@ -9,8 +9,7 @@ of the young runs every 700 allocations, and every older collection walks
 all of start-up's objects again, though they never become garbage.  Freezing
 them once start-up is done takes them out of every later collection; a
 higher threshold for the young makes collections rarer, each a little
-longer.  Measured with the bench's load, one worker used about 14 % less CPU
-per request (see BENCHMARKS.md).  Requests' garbage is almost all freed by
+longer.  Requests' garbage is almost all freed by
 reference counting at once; only cycles wait for a collection.
 """
 
