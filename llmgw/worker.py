@@ -382,7 +382,12 @@ def serve(config: Config, colour: bool, reactor: Any) -> None:
     signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(keys.reload))
 
     async def drain() -> None:
-        await stop_accepting(port)
+        try:
+            await stop_accepting(port)
+        except Exception:
+            # The requests in hand must still finish: a failed drain would
+            # let the reactor stop at once and close their connections.
+            log.failure("Stopping the listening port")
         await site.drain(config.grace)
         if sending.running:
             sending.stop()

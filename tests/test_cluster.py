@@ -231,7 +231,11 @@ class ClusterTests(TestCase):
         ]
         await eventually(lambda: upstream.model.started == 200, timeout=30)
         os.kill(process_pid(process), signal.SIGTERM)
-        results = await defer.gatherResults(replies, consumeErrors=True)
+        try:
+            results = await defer.gatherResults(replies, consumeErrors=True)
+        except defer.FirstError as e:
+            # What the gateway logged says why a request in hand was dropped.
+            self.fail(f"{e.subFailure.getErrorMessage()}\n{process.text()}")
         self.assertEqual([r.status for r in results], [200] * 200)
         code = await process.ended
         self.assertEqual(code, 0, process.text())

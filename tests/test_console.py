@@ -884,7 +884,12 @@ class GatewayHangUpTests(TestCase):
     async def stopped(
         self, session: TerminalSession, reply: Deferred[Reply], workers: list[int], port: int
     ) -> None:
-        self.assertEqual((await reply).status, 200)
+        try:
+            status = (await reply).status
+        except Exception as e:
+            # What the gateway printed says why the request in hand was dropped.
+            self.fail(f"{e}\n{session.text()}")
+        self.assertEqual(status, 200)
         ended = await session.ended
         self.assertIsInstance(ended, ProcessDone, session.text())
         await eventually(lambda: not any(map(alive, workers)), "the workers to exit")
